@@ -1,0 +1,311 @@
+//! Plumbing shared by both programs' `Config`: where settings come from and how problems are
+//! reported. Each binary builds its own `Config` as defaults < file < environment < flags and then
+//! validates it, reporting every bad setting at once (one line each) before exiting.
+//!
+//! Environment variables are read through [`Env`] so that tests hand in a map instead of touching
+//! the process environment (linkerd's habit; `std::env::set_var` is never used).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+/// A source of environment variables.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+/// A setting that must never reach a log line or a `Debug` dump: passwords, keys, URLs that may
+/// embed credentials.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Secret)
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// Every configuration problem found, one line each, naming the setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct ConfigError(pub Vec<String>);
+
+/// Collects problems while a `Config` is assembled, so that all are reported together.
+#[derive(Debug, Default)]
+pub struct Problems(Vec<String>);
+
+impl Problems {
+    pub fn push(&mut self, setting: &str, message: impl fmt::Display) {
+        self.0.push(format!("{setting}: {message}"));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Reads and parses one environment variable; a value that does not parse is a problem
+    /// naming the variable, and counts as unset.
+    pub fn env<T>(&mut self, env: &dyn Env, name: &str) -> Option<T>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        let raw = env.var(name)?;
+        match raw.parse() {
+            Ok(value) => Some(value),
+            Err(e) => {
+                self.push(name, format_args!("cannot parse {raw:?}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Parses a TOML config file into `T` (a struct of `Option`s with `deny_unknown_fields`),
+    /// checking each top-level key on its own so that every unknown or mistyped key is reported,
+    /// not just the first. Keys that fail are left unset.
+    pub fn file<T: DeserializeOwned + Default>(&mut self, origin: &str, text: &str) -> T {
+        let table: toml::Table = match text.parse() {
+            Ok(table) => table,
+            Err(e) => {
+                let e: toml::de::Error = e;
+                let at = e
+                    .span()
+                    .map(|span| format!(" at line {}", line_of(text, span.start)))
+                    .unwrap_or_default();
+                self.push(origin, format_args!("not valid TOML{at}: {}", e.message()));
+                return T::default();
+            }
+        };
+        let mut good = toml::Table::new();
+        for (key, value) in table {
+            let mut single = toml::Table::new();
+            single.insert(key.clone(), value.clone());
+            match T::deserialize(single) {
+                Ok(_) => {
+                    good.insert(key, value);
+                }
+                Err(e) => self.push(&format!("{origin}: {key}"), e.message().trim()),
+            }
+        }
+        T::deserialize(good).unwrap_or_default()
+    }
+
+    pub fn finish<T>(self, value: T) -> Result<T, ConfigError> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigError(self.0))
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()
+        .iter()
+        .take(offset)
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// A duration written as an integer number of milliseconds (files) or with a unit
+/// (`250ms`, `5s`, `2m`, `1h`) in the environment and on flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    pub fn duration(self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.0)
+    }
+}
+
+impl FromStr for Millis {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("expected a duration such as 250ms, 5s or 2m, got {s:?}"))?;
+        let factor = match unit {
+            "" | "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            other => {
+                return Err(format!(
+                    "unknown duration unit {other:?} (use ms, s, m or h)"
+                ));
+            }
+        };
+        n.checked_mul(factor)
+            .map(Millis)
+            .ok_or_else(|| format!("duration {s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(Millis(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Log output format, shared by both programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "json" => Ok(LogFormat::Json),
+            "text" => Ok(LogFormat::Text),
+            other => Err(format!("expected json or text, got {other:?}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Layer {
+        listen: Option<String>,
+        timeout: Option<Millis>,
+        workers: Option<u32>,
+    }
+
+    #[test]
+    fn every_bad_file_key_is_reported() {
+        let mut problems = Problems::default();
+        let layer: Layer = problems.file(
+            "tollgate.toml",
+            "listen = \"0.0.0.0:1\"\nworkers = \"many\"\nbogus = 1\ntimeout = \"5x\"\n",
+        );
+        assert_eq!(layer.listen.as_deref(), Some("0.0.0.0:1"));
+        assert_eq!(layer.workers, None);
+        assert_eq!(layer.timeout, None);
+        let Err(ConfigError(lines)) = problems.finish(()) else {
+            panic!("expected problems");
+        };
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("tollgate.toml: workers:"))
+        );
+        assert!(lines.iter().any(|l| l.starts_with("tollgate.toml: bogus:")));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("tollgate.toml: timeout:"))
+        );
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let mut problems = Problems::default();
+        let _: Layer = problems.file("f.toml", "listen = \"a\"\nworkers = = 2\n");
+        let Err(ConfigError(lines)) = problems.finish(()) else {
+            panic!("expected problems");
+        };
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].contains("line 2"), "{lines:?}");
+    }
+
+    #[test]
+    fn env_values_are_parsed_and_named() {
+        let env: BTreeMap<String, String> = [
+            ("A".to_owned(), "17".to_owned()),
+            ("B".to_owned(), "x".to_owned()),
+        ]
+        .into();
+        let mut problems = Problems::default();
+        assert_eq!(problems.env::<u32>(&env, "A"), Some(17));
+        assert_eq!(problems.env::<u32>(&env, "B"), None);
+        assert_eq!(problems.env::<u32>(&env, "C"), None);
+        let Err(ConfigError(lines)) = problems.finish(()) else {
+            panic!("expected problems");
+        };
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].starts_with("B: "));
+    }
+
+    #[test]
+    fn durations() {
+        let check = |s: &str, want: Option<u64>| {
+            assert_eq!(s.parse::<Millis>().ok().map(|m| m.0), want, "{s}");
+        };
+        check("250", Some(250));
+        check("250ms", Some(250));
+        check("5s", Some(5_000));
+        check("2m", Some(120_000));
+        check("1h", Some(3_600_000));
+        check("5x", None);
+        check("", None);
+        check("-1s", None);
+    }
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let s = Secret::new("postgres://u:hunter2@db/x");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

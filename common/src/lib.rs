@@ -1,0 +1,8 @@
+//! The few things both Tollgate programs must agree on. Nothing in this crate does I/O: it is
+//! data layouts, pure functions and formats, so that the sidecar and the control plane cannot
+//! drift apart on them.
+
+pub mod config;
+pub mod error;
+pub mod request_id;
+pub mod telemetry;

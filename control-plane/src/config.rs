@@ -1,0 +1,273 @@
+//! The control plane's one `Config`, built as defaults < file (`--config`) < environment < flags
+//! and validated as a whole. Every environment variable name is a constant here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tollgate_common::config::{ConfigError, Env, LogFormat, Millis, Problems, Secret};
+
+pub const ENV_LISTEN: &str = "TOLLGATE_LISTEN";
+pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
+pub const ENV_REDIS_URL: &str = "REDIS_URL";
+pub const ENV_REDIS_PREFIX: &str = "TOLLGATE_REDIS_PREFIX";
+pub const ENV_PUBLIC_URL: &str = "TOLLGATE_PUBLIC_URL";
+pub const ENV_DATA_DIR: &str = "TOLLGATE_DATA_DIR";
+pub const ENV_BODY_LIMIT: &str = "TOLLGATE_BODY_LIMIT_BYTES";
+pub const ENV_DB_POOL_SIZE: &str = "TOLLGATE_DB_POOL_SIZE";
+pub const ENV_LOG_FORMAT: &str = "TOLLGATE_LOG_FORMAT";
+pub const ENV_LOG: &str = "TOLLGATE_LOG";
+pub const ENV_SHUTDOWN_GRACE: &str = "TOLLGATE_SHUTDOWN_GRACE";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address of the REST listener.
+    pub listen: SocketAddr,
+    pub database_url: Secret,
+    pub redis_url: Secret,
+    /// Prepended to every Redis key, so several deployments (or tests) can share one Redis.
+    pub redis_prefix: String,
+    /// The URL users and gateways reach this service at (links, notify URLs).
+    pub public_url: String,
+    /// Where development keys are generated when none are configured.
+    pub data_dir: Option<PathBuf>,
+    /// Largest request body accepted, in bytes.
+    pub body_limit: usize,
+    pub db_pool_size: usize,
+    pub log_format: LogFormat,
+    /// A tracing `EnvFilter` directive, e.g. `info,tollgate_control_plane=debug`.
+    pub log_filter: String,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace: Millis,
+}
+
+/// One source of settings; every field optional, later layers win.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    pub listen: Option<String>,
+    pub database_url: Option<Secret>,
+    pub redis_url: Option<Secret>,
+    pub redis_prefix: Option<String>,
+    pub public_url: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub body_limit_bytes: Option<usize>,
+    pub db_pool_size: Option<usize>,
+    pub log_format: Option<LogFormat>,
+    pub log: Option<String>,
+    pub shutdown_grace: Option<Millis>,
+}
+
+impl Layer {
+    fn from_env(env: &dyn Env, problems: &mut Problems) -> Layer {
+        Layer {
+            listen: env.var(ENV_LISTEN),
+            database_url: env.var(ENV_DATABASE_URL).map(Secret::new),
+            redis_url: env.var(ENV_REDIS_URL).map(Secret::new),
+            redis_prefix: env.var(ENV_REDIS_PREFIX),
+            public_url: env.var(ENV_PUBLIC_URL),
+            data_dir: env.var(ENV_DATA_DIR).map(PathBuf::from),
+            body_limit_bytes: problems.env(env, ENV_BODY_LIMIT),
+            db_pool_size: problems.env(env, ENV_DB_POOL_SIZE),
+            log_format: problems.env(env, ENV_LOG_FORMAT),
+            log: env.var(ENV_LOG),
+            shutdown_grace: problems.env(env, ENV_SHUTDOWN_GRACE),
+        }
+    }
+
+    /// `other`'s settings win over `self`'s.
+    fn overlay(self, other: Layer) -> Layer {
+        Layer {
+            listen: other.listen.or(self.listen),
+            database_url: other.database_url.or(self.database_url),
+            redis_url: other.redis_url.or(self.redis_url),
+            redis_prefix: other.redis_prefix.or(self.redis_prefix),
+            public_url: other.public_url.or(self.public_url),
+            data_dir: other.data_dir.or(self.data_dir),
+            body_limit_bytes: other.body_limit_bytes.or(self.body_limit_bytes),
+            db_pool_size: other.db_pool_size.or(self.db_pool_size),
+            log_format: other.log_format.or(self.log_format),
+            log: other.log.or(self.log),
+            shutdown_grace: other.shutdown_grace.or(self.shutdown_grace),
+        }
+    }
+}
+
+impl Config {
+    /// Merges the layers and validates the result. `file` is the config file's name and text,
+    /// `flags` what the command line set.
+    pub fn load(
+        file: Option<(&str, &str)>,
+        env: &dyn Env,
+        flags: Layer,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Problems::default();
+        let file_layer = match file {
+            Some((origin, text)) => problems.file::<Layer>(origin, text),
+            None => Layer::default(),
+        };
+        let env_layer = Layer::from_env(env, &mut problems);
+        let layer = file_layer.overlay(env_layer).overlay(flags);
+        let config = Config::validate(layer, &mut problems);
+        problems.finish(config)
+    }
+
+    fn validate(layer: Layer, problems: &mut Problems) -> Config {
+        let listen = layer.listen.as_deref().unwrap_or("127.0.0.1:9001");
+        let listen = listen.parse().unwrap_or_else(|e| {
+            problems.push("listen", format_args!("{listen:?} is not an address: {e}"));
+            SocketAddr::from(([127, 0, 0, 1], 9001))
+        });
+        let database_url = layer
+            .database_url
+            .unwrap_or_else(|| Secret::new("postgres://postgres@127.0.0.1:5432/tollgate"));
+        if let Err(e) = database_url.expose().parse::<tokio_postgres::Config>() {
+            // The parser's message never repeats the URL, so no password can leak here.
+            problems.push("database_url", format_args!("not a PostgreSQL URL: {e}"));
+        }
+        let redis_url = layer
+            .redis_url
+            .unwrap_or_else(|| Secret::new("redis://127.0.0.1:6379"));
+        if let Err(e) = fred::types::config::Config::from_url(redis_url.expose()) {
+            problems.push(
+                "redis_url",
+                format_args!("not a Redis URL: {}", e.details()),
+            );
+        }
+        let redis_prefix = layer.redis_prefix.unwrap_or_else(|| "tg".to_owned());
+        if redis_prefix.is_empty()
+            || redis_prefix.len() > 32
+            || !redis_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            problems.push(
+                "redis_prefix",
+                format_args!("{redis_prefix:?} must be 1-32 letters, digits, '_' or '-'"),
+            );
+        }
+        let public_url = layer
+            .public_url
+            .unwrap_or_else(|| format!("http://{listen}"))
+            .trim_end_matches('/')
+            .to_owned();
+        if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
+            problems.push(
+                "public_url",
+                format_args!("{public_url:?} must start with http:// or https://"),
+            );
+        }
+        let body_limit = layer.body_limit_bytes.unwrap_or(1 << 20);
+        if !(1024..=64 << 20).contains(&body_limit) {
+            problems.push(
+                "body_limit_bytes",
+                format_args!("{body_limit} is outside 1024..=67108864"),
+            );
+        }
+        let db_pool_size = layer.db_pool_size.unwrap_or(16);
+        if !(1..=512).contains(&db_pool_size) {
+            problems.push(
+                "db_pool_size",
+                format_args!("{db_pool_size} is outside 1..=512"),
+            );
+        }
+        let log_filter = layer.log.unwrap_or_else(|| "info".to_owned());
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log_filter) {
+            problems.push("log", format_args!("{log_filter:?} is not a filter: {e}"));
+        }
+        Config {
+            listen,
+            database_url,
+            redis_url,
+            redis_prefix,
+            public_url,
+            data_dir: layer.data_dir,
+            body_limit,
+            db_pool_size,
+            log_format: layer.log_format.unwrap_or(LogFormat::Json),
+            log_filter,
+            shutdown_grace: layer.shutdown_grace.unwrap_or(Millis(20_000)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::load(None, &env(&[]), Layer::default()).expect("valid");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:9001");
+        assert_eq!(config.public_url, "http://127.0.0.1:9001");
+        assert_eq!(config.redis_prefix, "tg");
+    }
+
+    #[test]
+    fn later_layers_win() {
+        let file = "listen = \"127.0.0.1:1000\"\ndb_pool_size = 3\nredis_prefix = \"file\"\n";
+        let config = Config::load(
+            Some(("cp.toml", file)),
+            &env(&[(ENV_LISTEN, "127.0.0.1:2000"), (ENV_REDIS_PREFIX, "env")]),
+            Layer {
+                listen: Some("127.0.0.1:3000".to_owned()),
+                ..Layer::default()
+            },
+        )
+        .expect("valid");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:3000");
+        assert_eq!(config.redis_prefix, "env");
+        assert_eq!(config.db_pool_size, 3);
+    }
+
+    #[test]
+    fn every_problem_is_reported_once_and_named() {
+        let err = Config::load(
+            Some(("cp.toml", "db_pool_size = 0\nnonsense = true\n")),
+            &env(&[
+                (ENV_LISTEN, "nowhere"),
+                (ENV_BODY_LIMIT, "lots"),
+                (ENV_DATABASE_URL, "postgres://u:hunter2@h:notaport/db"),
+                (ENV_LOG_FORMAT, "xml"),
+            ]),
+            Layer::default(),
+        )
+        .expect_err("invalid");
+        let lines = err.0;
+        for name in [
+            "listen",
+            ENV_BODY_LIMIT,
+            "database_url",
+            ENV_LOG_FORMAT,
+            "db_pool_size",
+            "cp.toml: nonsense",
+        ] {
+            assert_eq!(
+                lines.iter().filter(|l| l.starts_with(name)).count(),
+                1,
+                "{name} in {lines:?}"
+            );
+        }
+        assert!(!lines.iter().any(|l| l.contains("hunter2")), "{lines:?}");
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let config = Config::load(
+            None,
+            &env(&[(ENV_DATABASE_URL, "postgres://u:hunter2@h/db")]),
+            Layer::default(),
+        )
+        .expect("valid");
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

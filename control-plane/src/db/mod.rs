@@ -1,0 +1,98 @@
+//! All SQL lives under this module. Handlers and jobs call functions here; nothing else builds
+//! queries.
+
+pub mod migrate;
+pub mod seed;
+pub mod users;
+
+use std::str::FromStr;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+pub use deadpool_postgres::{Client, Transaction};
+
+/// Errors from the database layer, with the operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database {op}: {source}")]
+    Query {
+        op: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl DbError {
+    /// Wraps a driver error with the name of the operation, for `map_err`.
+    pub fn op(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DbError {
+        move |source| DbError::Query { op, source }
+    }
+
+    /// The name of the unique constraint this error violated, if it is a unique violation.
+    /// The one place that turns duplicates into a 409 asks this.
+    pub fn unique_violation(&self) -> Option<&str> {
+        match self {
+            DbError::Query { source, .. } => {
+                let db = source.as_db_error()?;
+                (db.code() == &SqlState::UNIQUE_VIOLATION)
+                    .then(|| db.constraint())
+                    .flatten()
+            }
+            _ => None,
+        }
+    }
+
+    /// The name of the CHECK constraint this error violated, if any.
+    pub fn check_violation(&self) -> Option<&str> {
+        match self {
+            DbError::Query { source, .. } => {
+                let db = source.as_db_error()?;
+                (db.code() == &SqlState::CHECK_VIOLATION)
+                    .then(|| db.constraint())
+                    .flatten()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Builds the connection pool. Connections are made lazily, so a database that is down at
+/// start-up shows as "not ready" instead of stopping the process.
+pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
+    let pg = tokio_postgres::Config::from_str(database_url)
+        .map_err(|e| DbError::Invalid(format!("database_url: {e}")))?;
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(std::time::Duration::from_secs(5)))
+        .create_timeout(Some(std::time::Duration::from_secs(5)))
+        .build()
+        .map_err(|e| DbError::Invalid(format!("database pool: {e}")))
+}
+
+/// Opens one dedicated connection (not from the pool), for work that holds session state such
+/// as the migration lock.
+pub async fn connect(database_url: &str) -> Result<tokio_postgres::Client, DbError> {
+    let (client, connection) = tokio_postgres::connect(database_url, NoTls)
+        .await
+        .map_err(DbError::op("connect"))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}

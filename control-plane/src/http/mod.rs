@@ -1,0 +1,125 @@
+//! The REST layer: router, request-scoped plumbing (request ids, metrics, one log line per
+//! request) and the handlers, which call `db/` and `domain/`.
+
+pub mod error;
+pub mod json;
+mod ops;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use deadpool_postgres::Pool;
+use tollgate_common::request_id;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::redis::RedisClient;
+use error::AppError;
+
+/// Everything a handler may need; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Pool,
+    pub redis: RedisClient,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The request id of the current request, for handlers and logs.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// The route template that served a request, passed from the inner layer to the outer one.
+#[derive(Clone)]
+struct RouteLabel(String);
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.body_limit;
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        // Inside routing, so the matched route template is known.
+        .route_layer(middleware::from_fn(label_route))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        // Outermost: every response, including 404s and rejections, gets a request id, a
+        // metric and a log line.
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> AppError {
+    AppError::not_found(format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> AppError {
+    AppError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+async fn label_route(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let mut response = next.run(request).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(RouteLabel(route));
+    }
+    response
+}
+
+async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request_id::choose(
+        request
+            .headers()
+            .get(request_id::HEADER)
+            .map(|v| v.as_bytes()),
+    );
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let method = request.method().clone();
+
+    let mut response = next.run(request).await.into_response();
+
+    let route = response
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or("unmatched", |r| r.0.as_str())
+        .to_owned();
+    let status = response.status();
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[route.as_str(), method.as_str(), status.as_str()])
+        .inc();
+    state
+        .metrics
+        .http_duration
+        .with_label_values(&[route.as_str()])
+        .observe(elapsed.as_secs_f64());
+    tracing::info!(
+        request_id = %id,
+        method = %method,
+        route = %route,
+        status = status.as_u16(),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(request_id::HEADER, value);
+    }
+    response
+}

@@ -1,0 +1,73 @@
+//! Tollgate's control plane as a library: `main.rs` parses the command line and calls in here;
+//! tests start the same [`run`] on `127.0.0.1:0`.
+
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod http;
+pub mod metrics;
+pub mod redis;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use fred::interfaces::ClientLike;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::http::AppState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves the REST API on `listener` until `shutdown` completes, then lets in-flight requests
+/// finish for up to `shutdown_grace`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let db = db::pool(config.database_url.expose(), config.db_pool_size)?;
+    let redis = redis::client(config.redis_url.expose())?;
+    // Connects in the background and keeps reconnecting; readiness reports the state.
+    let _connection = redis.connect();
+    if tokio::time::timeout(std::time::Duration::from_secs(2), redis.wait_for_connect())
+        .await
+        .is_err()
+    {
+        tracing::warn!("redis is not reachable yet; serving anyway and retrying in the background");
+    }
+    let grace = config.shutdown_grace.duration();
+    let state = AppState {
+        config: Arc::new(config),
+        db,
+        redis: redis.clone(),
+        metrics: Arc::new(metrics::Metrics::new()),
+    };
+    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    tracing::info!(addr = %listener.local_addr()?, "control plane listening");
+
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    });
+    let deadline = async move {
+        let _ = stopping_rx.wait_for(|stopping| *stopping).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = deadline => tracing::warn!("shutdown grace expired with requests still in flight"),
+    }
+    let _ = redis.quit().await;
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! The migrations and the seed against a real PostgreSQL: idempotent, safe to run concurrently,
+//! and the constraints refuse bad rows.
+
+mod support;
+
+use support::TestDb;
+use tollgate_control_plane::db::{DbError, migrate, seed};
+
+#[tokio::test]
+async fn migrations_apply_to_an_empty_database_and_twice_is_a_no_op() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let first = migrate::run(&mut client).await.expect("first run");
+    assert_eq!(first.len(), migrate::MIGRATIONS.len());
+    let second = migrate::run(&mut client).await.expect("second run");
+    assert!(second.is_empty(), "second run applied {second:?}");
+    let recorded: i64 = client
+        .query_one("SELECT count(*) FROM schema_migrations", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(recorded as usize, migrate::MIGRATIONS.len());
+}
+
+#[tokio::test]
+async fn concurrent_migrations_take_turns() {
+    let db = TestDb::new().await;
+    let runs = (0..4).map(|_| {
+        let url = db.url.clone();
+        tokio::spawn(async move {
+            let mut client = tollgate_control_plane::db::connect(&url)
+                .await
+                .expect("connect");
+            migrate::run(&mut client).await.expect("migrate")
+        })
+    });
+    let mut applied = 0;
+    for run in runs {
+        applied += run.await.expect("join").len();
+    }
+    assert_eq!(
+        applied,
+        migrate::MIGRATIONS.len(),
+        "each migration applied once"
+    );
+}
+
+#[tokio::test]
+async fn seed_is_idempotent_and_has_the_contract_data() {
+    let db = TestDb::migrated().await;
+    let mut client = db.client().await;
+    seed::run(&mut client).await.expect("second seed");
+    let plans: Vec<(String, i64)> = client
+        .query(
+            "SELECT id, price_amount FROM plans ORDER BY sort_order",
+            &[],
+        )
+        .await
+        .expect("plans")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(plans.len(), 3);
+    assert_eq!(plans[0], ("free".to_owned(), 0));
+    assert!(plans[1].0 == "pro" && plans[1].1 > 0);
+    assert!(plans[2].0 == "enterprise" && plans[2].1 > plans[1].1);
+
+    let types: Vec<(String, String, String)> = client
+        .query(
+            "SELECT key, unit, \"window\" FROM quota_types WHERE app_id = 'idoctor' ORDER BY key",
+            &[],
+        )
+        .await
+        .expect("types")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let want = [
+        ("api_calls_full_process", "calls", "month"),
+        ("api_calls_l3_detect", "calls", "month"),
+        ("api_calls_muscle_seg", "calls", "month"),
+        ("storage_bytes", "bytes", "lifetime"),
+    ];
+    assert_eq!(types.len(), want.len());
+    for (got, want) in types.iter().zip(want) {
+        assert_eq!((got.0.as_str(), got.1.as_str(), got.2.as_str()), want);
+    }
+
+    let free_limit: i64 = client
+        .query_one(
+            "SELECT pq.\"limit\" FROM plan_quotas pq JOIN quota_types qt ON qt.id = pq.quota_type_id
+             WHERE pq.plan_id = 'free' AND qt.key = 'api_calls_full_process'",
+            &[],
+        )
+        .await
+        .expect("free limit")
+        .get(0);
+    assert_eq!(free_limit, 50);
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM plan_quotas", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 12, "a second seed adds no rows");
+}
+
+/// Runs `sql` and expects the named constraint to refuse it.
+async fn refused(client: &tokio_postgres::Client, sql: &str, constraint_hint: &str) {
+    let err = client
+        .batch_execute(sql)
+        .await
+        .map_err(DbError::op("test"))
+        .expect_err(sql);
+    let named = err
+        .check_violation()
+        .or(err.unique_violation())
+        .unwrap_or_else(|| panic!("{sql}: expected a check or unique violation, got {err}"));
+    assert!(
+        named.contains(constraint_hint),
+        "{sql}: violated {named}, expected one about {constraint_hint}"
+    );
+}
+
+#[tokio::test]
+async fn constraints_refuse_bad_rows() {
+    let db = TestDb::migrated().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO users (id, email, password_hash)
+             VALUES ('00000000-0000-0000-0000-000000000001', 'Dup@Example.com', 'x')",
+        )
+        .await
+        .expect("first user");
+
+    refused(
+        &client,
+        "INSERT INTO users (email, password_hash) VALUES ('dup@example.COM', 'x')",
+        "users_email_lower_key",
+    )
+    .await;
+    refused(
+        &client,
+        "INSERT INTO users (email, password_hash, role) VALUES ('r@example.com', 'x', 'root')",
+        "role",
+    )
+    .await;
+    refused(
+        &client,
+        "INSERT INTO quota_types (app_id, key, name, unit, \"window\")
+         VALUES ('idoctor', 'weekly', 'Weekly', 'calls', 'week')",
+        "window",
+    )
+    .await;
+    refused(
+        &client,
+        "INSERT INTO plans (id, name, price_amount, period) VALUES ('neg', 'Neg', -1, 'month')",
+        "price_amount",
+    )
+    .await;
+    refused(
+        &client,
+        "INSERT INTO plan_quotas (plan_id, quota_type_id, \"limit\")
+         SELECT 'free', id, -5 FROM quota_types WHERE key = 'storage_bytes'
+         ON CONFLICT (plan_id, quota_type_id) DO UPDATE SET \"limit\" = -5",
+        "limit",
+    )
+    .await;
+    refused(
+        &client,
+        "INSERT INTO orders (id, user_id, plan_id, channel, amount, currency, expires_at)
+         VALUES ('o1', '00000000-0000-0000-0000-000000000001', 'pro', 'alipay_page', -9900, 'CNY', now())",
+        "amount",
+    )
+    .await;
+    refused(
+        &client,
+        "INSERT INTO orders (id, user_id, plan_id, channel, amount, currency, expires_at)
+         VALUES ('bad-id!', '00000000-0000-0000-0000-000000000001', 'pro', 'alipay_page', 9900, 'CNY', now())",
+        "id",
+    )
+    .await;
+    refused(
+        &client,
+        "INSERT INTO usage_events (event_id, user_id, app_id, quota_key, amount, method, path, created_at)
+         VALUES (gen_random_uuid(), '00000000-0000-0000-0000-000000000001', 'idoctor',
+                 'storage_bytes', -1, 'POST', '/upload', now())",
+        "amount",
+    )
+    .await;
+    refused(
+        &client,
+        "INSERT INTO quota_grants (user_id, quota_type_id, amount, window_start, reason)
+         SELECT '00000000-0000-0000-0000-000000000001', id, 0, now(), 'none' FROM quota_types LIMIT 1",
+        "amount",
+    )
+    .await;
+
+    // A usage event for a quota type that does not exist is refused by the foreign key.
+    let err = client
+        .batch_execute(
+            "INSERT INTO usage_events (event_id, user_id, app_id, quota_key, amount, method, path, created_at)
+             VALUES (gen_random_uuid(), '00000000-0000-0000-0000-000000000001', 'idoctor',
+                     'no_such_type', 1, 'POST', '/x', now())",
+        )
+        .await
+        .expect_err("unknown quota type");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION)
+    );
+
+    // Two active subscriptions for one user are refused.
+    client
+        .batch_execute(
+            "INSERT INTO subscriptions (user_id, plan_id) VALUES ('00000000-0000-0000-0000-000000000001', 'free')",
+        )
+        .await
+        .expect("first subscription");
+    refused(
+        &client,
+        "INSERT INTO subscriptions (user_id, plan_id) VALUES ('00000000-0000-0000-0000-000000000001', 'pro')",
+        "subscriptions_one_active_per_user",
+    )
+    .await;
+}
