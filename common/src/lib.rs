@@ -2,7 +2,10 @@
 //! data layouts, pure functions and formats, so that the sidecar and the control plane cannot
 //! drift apart on them.
 
+pub mod api_key;
+pub mod claims;
 pub mod config;
 pub mod error;
+pub mod keys;
 pub mod request_id;
 pub mod telemetry;

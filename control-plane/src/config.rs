@@ -18,6 +18,19 @@ pub const ENV_DB_POOL_SIZE: &str = "TOLLGATE_DB_POOL_SIZE";
 pub const ENV_LOG_FORMAT: &str = "TOLLGATE_LOG_FORMAT";
 pub const ENV_LOG: &str = "TOLLGATE_LOG";
 pub const ENV_SHUTDOWN_GRACE: &str = "TOLLGATE_SHUTDOWN_GRACE";
+pub const ENV_JWT_KEYS_DIR: &str = "TOLLGATE_JWT_KEYS_DIR";
+pub const ENV_JWT_ACTIVE_KID: &str = "TOLLGATE_JWT_ACTIVE_KID";
+pub const ENV_JWT_PRIVATE_KEY: &str = "TOLLGATE_JWT_PRIVATE_KEY";
+pub const ENV_JWT_KID: &str = "TOLLGATE_JWT_KID";
+pub const ENV_JWT_ISSUER: &str = "TOLLGATE_JWT_ISSUER";
+pub const ENV_JWT_AUDIENCE: &str = "TOLLGATE_JWT_AUDIENCE";
+pub const ENV_ACCESS_TTL: &str = "TOLLGATE_ACCESS_TOKEN_TTL";
+pub const ENV_REFRESH_TTL: &str = "TOLLGATE_REFRESH_TOKEN_TTL";
+pub const ENV_LOGIN_MAX_FAILURES_ACCOUNT: &str = "TOLLGATE_LOGIN_MAX_FAILURES_ACCOUNT";
+pub const ENV_LOGIN_MAX_FAILURES_CLIENT: &str = "TOLLGATE_LOGIN_MAX_FAILURES_CLIENT";
+pub const ENV_LOGIN_LOCKOUT: &str = "TOLLGATE_LOGIN_LOCKOUT";
+pub const ENV_HASH_CONCURRENCY: &str = "TOLLGATE_HASH_CONCURRENCY";
+pub const ENV_TRUST_FORWARDED_FOR: &str = "TOLLGATE_TRUST_FORWARDED_FOR";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -39,6 +52,38 @@ pub struct Config {
     pub log_filter: String,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Millis,
+    pub jwt: JwtConfig,
+    pub login: LoginConfig,
+    /// Password hashes computed at once; each takes 19 MiB and a core for tens of milliseconds.
+    pub hash_concurrency: usize,
+    /// Take the client address for login throttling from the last `X-Forwarded-For` hop (set
+    /// this only behind a proxy that writes it).
+    pub trust_forwarded_for: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    /// A directory of Ed25519 private keys in PKCS#8 PEM, one per file, named `<kid>.pem`.
+    /// Every key is published in the JWKS; the active one signs.
+    pub keys_dir: Option<PathBuf>,
+    /// Which key of `keys_dir` signs; defaults to the last by name.
+    pub active_kid: Option<String>,
+    /// A single private key given inline (PEM), with its `kid`.
+    pub private_key: Option<Secret>,
+    pub kid: Option<String>,
+    pub issuer: String,
+    pub audience: String,
+    pub access_ttl: Millis,
+    pub refresh_ttl: Millis,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoginConfig {
+    /// Failed logins for one account before it is locked for `lockout`.
+    pub max_failures_account: u32,
+    /// Failed logins from one client address before it is locked for `lockout`.
+    pub max_failures_client: u32,
+    pub lockout: Millis,
 }
 
 /// One source of settings; every field optional, later layers win.
@@ -56,6 +101,19 @@ pub struct Layer {
     pub log_format: Option<LogFormat>,
     pub log: Option<String>,
     pub shutdown_grace: Option<Millis>,
+    pub jwt_keys_dir: Option<PathBuf>,
+    pub jwt_active_kid: Option<String>,
+    pub jwt_private_key: Option<Secret>,
+    pub jwt_kid: Option<String>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub access_token_ttl: Option<Millis>,
+    pub refresh_token_ttl: Option<Millis>,
+    pub login_max_failures_account: Option<u32>,
+    pub login_max_failures_client: Option<u32>,
+    pub login_lockout: Option<Millis>,
+    pub hash_concurrency: Option<usize>,
+    pub trust_forwarded_for: Option<bool>,
 }
 
 impl Layer {
@@ -72,6 +130,19 @@ impl Layer {
             log_format: problems.env(env, ENV_LOG_FORMAT),
             log: env.var(ENV_LOG),
             shutdown_grace: problems.env(env, ENV_SHUTDOWN_GRACE),
+            jwt_keys_dir: env.var(ENV_JWT_KEYS_DIR).map(PathBuf::from),
+            jwt_active_kid: env.var(ENV_JWT_ACTIVE_KID),
+            jwt_private_key: env.var(ENV_JWT_PRIVATE_KEY).map(Secret::new),
+            jwt_kid: env.var(ENV_JWT_KID),
+            jwt_issuer: env.var(ENV_JWT_ISSUER),
+            jwt_audience: env.var(ENV_JWT_AUDIENCE),
+            access_token_ttl: problems.env(env, ENV_ACCESS_TTL),
+            refresh_token_ttl: problems.env(env, ENV_REFRESH_TTL),
+            login_max_failures_account: problems.env(env, ENV_LOGIN_MAX_FAILURES_ACCOUNT),
+            login_max_failures_client: problems.env(env, ENV_LOGIN_MAX_FAILURES_CLIENT),
+            login_lockout: problems.env(env, ENV_LOGIN_LOCKOUT),
+            hash_concurrency: problems.env(env, ENV_HASH_CONCURRENCY),
+            trust_forwarded_for: problems.env(env, ENV_TRUST_FORWARDED_FOR),
         }
     }
 
@@ -89,6 +160,23 @@ impl Layer {
             log_format: other.log_format.or(self.log_format),
             log: other.log.or(self.log),
             shutdown_grace: other.shutdown_grace.or(self.shutdown_grace),
+            jwt_keys_dir: other.jwt_keys_dir.or(self.jwt_keys_dir),
+            jwt_active_kid: other.jwt_active_kid.or(self.jwt_active_kid),
+            jwt_private_key: other.jwt_private_key.or(self.jwt_private_key),
+            jwt_kid: other.jwt_kid.or(self.jwt_kid),
+            jwt_issuer: other.jwt_issuer.or(self.jwt_issuer),
+            jwt_audience: other.jwt_audience.or(self.jwt_audience),
+            access_token_ttl: other.access_token_ttl.or(self.access_token_ttl),
+            refresh_token_ttl: other.refresh_token_ttl.or(self.refresh_token_ttl),
+            login_max_failures_account: other
+                .login_max_failures_account
+                .or(self.login_max_failures_account),
+            login_max_failures_client: other
+                .login_max_failures_client
+                .or(self.login_max_failures_client),
+            login_lockout: other.login_lockout.or(self.login_lockout),
+            hash_concurrency: other.hash_concurrency.or(self.hash_concurrency),
+            trust_forwarded_for: other.trust_forwarded_for.or(self.trust_forwarded_for),
         }
     }
 }
@@ -175,7 +263,66 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log_filter) {
             problems.push("log", format_args!("{log_filter:?} is not a filter: {e}"));
         }
+        if layer.jwt_private_key.is_some() != layer.jwt_kid.is_some() {
+            problems.push(
+                "jwt_kid",
+                format_args!("{ENV_JWT_PRIVATE_KEY} and {ENV_JWT_KID} go together"),
+            );
+        }
+        if layer.jwt_private_key.is_some() && layer.jwt_keys_dir.is_some() {
+            problems.push(
+                "jwt_keys_dir",
+                format_args!("give either {ENV_JWT_KEYS_DIR} or {ENV_JWT_PRIVATE_KEY}, not both"),
+            );
+        }
+        let access_ttl = layer.access_token_ttl.unwrap_or(Millis(15 * 60_000));
+        if !(10_000..=24 * 3_600_000).contains(&access_ttl.0) {
+            problems.push("access_token_ttl", "must be between 10s and 24h");
+        }
+        let refresh_ttl = layer
+            .refresh_token_ttl
+            .unwrap_or(Millis(30 * 24 * 3_600_000));
+        if refresh_ttl.0 <= access_ttl.0 {
+            problems.push(
+                "refresh_token_ttl",
+                "must be longer than the access token lifetime",
+            );
+        }
+        let login = LoginConfig {
+            max_failures_account: layer.login_max_failures_account.unwrap_or(5),
+            max_failures_client: layer.login_max_failures_client.unwrap_or(20),
+            lockout: layer.login_lockout.unwrap_or(Millis(15 * 60_000)),
+        };
+        if login.max_failures_account == 0 || login.max_failures_client == 0 {
+            problems.push("login_max_failures", "must be at least 1");
+        }
+        if login.lockout.0 < 1_000 {
+            problems.push("login_lockout", "must be at least 1s");
+        }
+        let hash_concurrency = layer.hash_concurrency.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
+        });
+        if !(1..=256).contains(&hash_concurrency) {
+            problems.push(
+                "hash_concurrency",
+                format_args!("{hash_concurrency} is outside 1..=256"),
+            );
+        }
+        let jwt = JwtConfig {
+            keys_dir: layer.jwt_keys_dir,
+            active_kid: layer.jwt_active_kid,
+            private_key: layer.jwt_private_key,
+            kid: layer.jwt_kid,
+            issuer: layer.jwt_issuer.unwrap_or_else(|| "tollgate".to_owned()),
+            audience: layer.jwt_audience.unwrap_or_else(|| "tollgate".to_owned()),
+            access_ttl,
+            refresh_ttl,
+        };
         Config {
+            jwt,
+            login,
+            hash_concurrency,
+            trust_forwarded_for: layer.trust_forwarded_for.unwrap_or(false),
             listen,
             database_url,
             redis_url,

@@ -1,12 +1,14 @@
 //! Tollgate's control plane as a library: `main.rs` parses the command line and calls in here;
 //! tests start the same [`run`] on `127.0.0.1:0`.
 
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod domain;
 pub mod http;
 pub mod metrics;
 pub mod redis;
+pub mod sync;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +28,10 @@ pub enum RunError {
     Redis(#[from] fred::error::Error),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Keys(#[from] auth::signing::KeyError),
+    #[error(transparent)]
+    Password(#[from] domain::password::PasswordError),
 }
 
 /// Serves the REST API on `listener` until `shutdown` completes, then lets in-flight requests
@@ -46,11 +52,25 @@ pub async fn run(
         tracing::warn!("redis is not reachable yet; serving anyway and retrying in the background");
     }
     let grace = config.shutdown_grace.duration();
+    let ring = auth::signing::KeyRing::load(&config.jwt, config.data_dir.as_deref())?;
+    let tokens = auth::jwt::Tokens::new(
+        Arc::new(ring),
+        &config.jwt.issuer,
+        &config.jwt.audience,
+        (config.jwt.access_ttl.0 / 1000) as i64,
+    );
+    let keys = tollgate_common::keys::Keys::new(config.redis_prefix.clone());
+    let sync = sync::Syncer::new(db.clone(), redis.clone(), keys.clone());
+    let worker = tokio::spawn(sync.clone().run(std::time::Duration::from_secs(600)));
     let state = AppState {
+        hasher: auth::Hasher::new(config.hash_concurrency)?,
+        throttle: auth::throttle::Throttle::new(keys, config.login.clone()),
         config: Arc::new(config),
         db,
         redis: redis.clone(),
         metrics: Arc::new(metrics::Metrics::new()),
+        tokens,
+        sync,
     };
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(addr = %listener.local_addr()?, "control plane listening");
@@ -68,6 +88,7 @@ pub async fn run(
         served = server => served?,
         () = deadline => tracing::warn!("shutdown grace expired with requests still in flight"),
     }
+    worker.abort();
     let _ = redis.quit().await;
     Ok(())
 }

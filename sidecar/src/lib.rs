@@ -1,1 +1,3 @@
+//! Tollgate's sidecar as a library: `main.rs` parses the command line and calls in here.
 
+pub mod config;

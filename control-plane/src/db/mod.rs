@@ -1,7 +1,11 @@
 //! All SQL lives under this module. Handlers and jobs call functions here; nothing else builds
 //! queries.
 
+pub mod api_keys;
+pub mod audit;
 pub mod migrate;
+pub mod outbox;
+pub mod refresh;
 pub mod seed;
 pub mod users;
 

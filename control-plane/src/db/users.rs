@@ -60,3 +60,176 @@ pub async fn create(
     }
     Ok(user)
 }
+
+const USER_COLUMNS: &str = "id, email, role, status, created_at";
+
+/// A user with what login needs.
+pub struct Credentials {
+    pub user: UserRow,
+    pub password_hash: String,
+}
+
+pub async fn by_email(
+    client: &impl tokio_postgres::GenericClient,
+    email: &str,
+) -> Result<Option<Credentials>, DbError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT {USER_COLUMNS}, password_hash FROM users WHERE lower(email) = lower($1)"
+            ),
+            &[&email],
+        )
+        .await
+        .map_err(DbError::op("find user by email"))?;
+    Ok(row.map(|r| Credentials {
+        user: UserRow::from_row(&r),
+        password_hash: r.get("password_hash"),
+    }))
+}
+
+/// A user with what authenticating a request needs.
+pub struct AuthRow {
+    pub user: UserRow,
+    /// Tokens issued at or before this second are refused.
+    pub tokens_valid_after: Option<i64>,
+}
+
+pub async fn for_auth(
+    client: &impl tokio_postgres::GenericClient,
+    id: Uuid,
+) -> Result<Option<AuthRow>, DbError> {
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT {USER_COLUMNS}, extract(epoch FROM tokens_valid_after)::bigint AS tva
+                 FROM users WHERE id = $1"
+            ),
+            &[&id],
+        )
+        .await
+        .map_err(DbError::op("find user"))?;
+    Ok(row.map(|r| AuthRow {
+        user: UserRow::from_row(&r),
+        tokens_valid_after: r.get("tva"),
+    }))
+}
+
+pub async fn get(
+    client: &impl tokio_postgres::GenericClient,
+    id: Uuid,
+) -> Result<Option<UserRow>, DbError> {
+    let row = client
+        .query_opt(
+            &format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"),
+            &[&id],
+        )
+        .await
+        .map_err(DbError::op("get user"))?;
+    Ok(row.as_ref().map(UserRow::from_row))
+}
+
+pub async fn set_password_hash(
+    client: &impl tokio_postgres::GenericClient,
+    id: Uuid,
+    hash: &str,
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1",
+            &[&id, &hash],
+        )
+        .await
+        .map_err(DbError::op("update password hash"))?;
+    Ok(())
+}
+
+/// Changes status and/or role under a row lock; returns the user before and after, or `None`
+/// if there is no such user. Disabling also cuts off every access token issued so far.
+pub async fn update_admin_fields(
+    tx: &tokio_postgres::Transaction<'_>,
+    id: Uuid,
+    status: Option<&str>,
+    role: Option<&str>,
+) -> Result<Option<(UserRow, UserRow)>, DbError> {
+    let Some(before) = tx
+        .query_opt(
+            &format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1 FOR UPDATE"),
+            &[&id],
+        )
+        .await
+        .map_err(DbError::op("lock user"))?
+    else {
+        return Ok(None);
+    };
+    let before = UserRow::from_row(&before);
+    let after = tx
+        .query_one(
+            &format!(
+                "UPDATE users SET
+                     status = COALESCE($2, status),
+                     role = COALESCE($3, role),
+                     tokens_valid_after = CASE WHEN $2 = 'disabled' AND status <> 'disabled'
+                                               THEN now() ELSE tokens_valid_after END,
+                     updated_at = now()
+                 WHERE id = $1
+                 RETURNING {USER_COLUMNS}"
+            ),
+            &[&id, &status, &role],
+        )
+        .await
+        .map_err(DbError::op("update user"))?;
+    Ok(Some((before, UserRow::from_row(&after))))
+}
+
+/// One page of users, oldest first, optionally filtered by a case-insensitive email substring.
+pub async fn list(
+    client: &impl tokio_postgres::GenericClient,
+    email_contains: Option<&str>,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<UserRow>, DbError> {
+    let pattern = email_contains.map(|e| {
+        format!(
+            "%{}%",
+            e.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        )
+    });
+    let (after_time, after_id) = after.unzip();
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {USER_COLUMNS} FROM users
+                 WHERE ($1::text IS NULL OR email ILIKE $1)
+                   AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+                 ORDER BY created_at, id
+                 LIMIT $4"
+            ),
+            &[&pattern, &after_time, &after_id, &limit],
+        )
+        .await
+        .map_err(DbError::op("list users"))?;
+    Ok(rows.iter().map(UserRow::from_row).collect())
+}
+
+/// Every user id, status, role and token cut-off, a batch at a time in id order (reconcile).
+pub async fn sync_batch(
+    client: &impl tokio_postgres::GenericClient,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<(Uuid, String, String, i64)>, DbError> {
+    let rows = client
+        .query(
+            "SELECT id, status, role, COALESCE(extract(epoch FROM tokens_valid_after)::bigint, 0)
+             FROM users WHERE ($1::uuid IS NULL OR id > $1) ORDER BY id LIMIT $2",
+            &[&after, &limit],
+        )
+        .await
+        .map_err(DbError::op("read users for sync"))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect())
+}

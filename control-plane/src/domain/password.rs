@@ -60,6 +60,21 @@ pub fn verify(password: &str, phc: &str) -> bool {
     }
 }
 
+/// True when a stored hash was made with other parameters than today's, so that a successful
+/// login should store a fresh one.
+pub fn needs_rehash(phc: &str) -> bool {
+    let Ok(parsed) = PasswordHash::new(phc) else {
+        return true;
+    };
+    let Ok(params) = Params::try_from(&parsed) else {
+        return true;
+    };
+    parsed.algorithm.as_str() != "argon2id"
+        || params.m_cost() != MEMORY_KIB
+        || params.t_cost() != ITERATIONS
+        || params.p_cost() != PARALLELISM
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +96,24 @@ mod tests {
         assert!(verify("correct horse battery", &phc));
         assert!(!verify("wrong horse battery", &phc));
         assert!(!verify("anything", "not a phc string"));
+        assert!(!needs_rehash(&phc));
+    }
+
+    #[test]
+    fn weaker_hashes_need_rehash() {
+        let weak = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(8 * 1024, 1, 1, None).expect("params"),
+        )
+        .hash_password(
+            b"pw",
+            &SaltString::generate(&mut argon2::password_hash::rand_core::OsRng),
+        )
+        .expect("hash")
+        .to_string();
+        assert!(verify("pw", &weak), "old hashes still verify");
+        assert!(needs_rehash(&weak));
+        assert!(needs_rehash("garbage"));
     }
 }

@@ -1,8 +1,13 @@
 //! The REST layer: router, request-scoped plumbing (request ids, metrics, one log line per
 //! request) and the handlers, which call `db/` and `domain/`.
 
+mod accounts;
+mod admin;
+mod api_keys;
+pub mod cursor;
+pub mod dto;
 pub mod error;
-pub mod json;
+pub mod extract;
 mod ops;
 
 use std::sync::Arc;
@@ -13,13 +18,17 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, patch, post};
 use deadpool_postgres::Pool;
 use tollgate_common::request_id;
 
+use crate::auth::Hasher;
+use crate::auth::jwt::Tokens;
+use crate::auth::throttle::Throttle;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::redis::RedisClient;
+use crate::sync::Syncer;
 use error::AppError;
 
 /// Everything a handler may need; cheap to clone.
@@ -29,6 +38,10 @@ pub struct AppState {
     pub db: Pool,
     pub redis: RedisClient,
     pub metrics: Arc<Metrics>,
+    pub tokens: Tokens,
+    pub hasher: Hasher,
+    pub throttle: Throttle,
+    pub sync: Syncer,
 }
 
 /// The request id of the current request, for handlers and logs.
@@ -45,6 +58,16 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/.well-known/jwks.json", get(accounts::jwks))
+        .route("/v1/auth/register", post(accounts::register))
+        .route("/v1/auth/login", post(accounts::login))
+        .route("/v1/auth/refresh", post(accounts::refresh))
+        .route("/v1/auth/logout", post(accounts::logout))
+        .route("/v1/me", get(accounts::me))
+        .route("/v1/api-keys", post(api_keys::create).get(api_keys::list))
+        .route("/v1/api-keys/{id}", delete(api_keys::revoke))
+        .route("/v1/admin/users", get(admin::list_users))
+        .route("/v1/admin/users/{id}", patch(admin::patch_user))
         // Inside routing, so the matched route template is known.
         .route_layer(middleware::from_fn(label_route))
         .fallback(not_found)

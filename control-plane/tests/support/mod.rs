@@ -125,6 +125,11 @@ pub fn config(db: &TestDb) -> Config {
         ("REDIS_URL".to_owned(), redis_url()),
         ("TOLLGATE_REDIS_PREFIX".to_owned(), redis_prefix()),
         ("TOLLGATE_LOG_FORMAT".to_owned(), "text".to_owned()),
+        (
+            "TOLLGATE_JWT_PRIVATE_KEY".to_owned(),
+            tollgate_control_plane::auth::signing::generate_pem(),
+        ),
+        ("TOLLGATE_JWT_KID".to_owned(), "test-key-1".to_owned()),
     ]
     .into();
     Config::load(None, &env, Layer::default()).expect("test config is valid")

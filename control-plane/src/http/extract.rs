@@ -1,10 +1,11 @@
-//! A JSON extractor that answers rejected input in the contract's error format:
-//! malformed JSON, wrong types and missing fields are `400 invalid_request`; a body over the
-//! limit is `413 payload_too_large`.
+//! Extractors that answer rejected input in the contract's error format: malformed JSON, wrong
+//! types, missing fields and bad query strings are `400 invalid_request`; a body over the limit is
+//! `413 payload_too_large`.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -45,5 +46,22 @@ fn rejected(rejection: JsonRejection) -> AppError {
 impl<T: Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
+    }
+}
+
+pub struct Query<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| Query(value))
+            .map_err(|rejection| AppError::invalid(rejection.body_text()))
     }
 }

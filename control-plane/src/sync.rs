@@ -1,0 +1,306 @@
+//! Writes into Redis what the sidecars need to decide without asking us: each user's status,
+//! role and token cut-off, and each live API key's owner and expiry. Every change goes through the
+//! outbox (`db::outbox`) and is announced on the events channel so sidecars drop cached copies;
+//! `reconcile` rewrites everything from PostgreSQL, so Redis can be lost and rebuilt.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use fred::interfaces::{HashesInterface, KeysInterface, PubsubInterface, SortedSetsInterface};
+use fred::types::scan::Scanner;
+use futures_util::TryStreamExt;
+use tokio::sync::Notify;
+use tollgate_common::api_key;
+use tollgate_common::keys::{CacheEvent, Keys, api_key_field, user_field};
+use uuid::Uuid;
+
+use crate::db::outbox::Topic;
+use crate::db::{self, DbError};
+use crate::redis::RedisClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("redis: {0}")]
+    Redis(#[from] fred::error::Error),
+}
+
+#[derive(Clone)]
+pub struct Syncer {
+    pub db: Pool,
+    pub redis: RedisClient,
+    pub keys: Keys,
+    kick: Arc<Notify>,
+}
+
+const BATCH: i64 = 500;
+
+impl Syncer {
+    pub fn new(db: Pool, redis: RedisClient, keys: Keys) -> Syncer {
+        Syncer {
+            db,
+            redis,
+            keys,
+            kick: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Wakes the outbox worker now (after a commit that enqueued something).
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
+    async fn publish(&self, event: CacheEvent) -> Result<(), SyncError> {
+        self.redis
+            .publish::<(), _, _>(self.keys.events_channel(), event.encode())
+            .await?;
+        Ok(())
+    }
+
+    /// Rewrites one user's hash from PostgreSQL.
+    pub async fn user(&self, id: Uuid) -> Result<(), SyncError> {
+        let client = self.db.get().await.map_err(DbError::from)?;
+        let Some(row) = db::users::for_auth(&**client, id).await? else {
+            return Ok(());
+        };
+        self.write_user(
+            id,
+            &row.user.status,
+            &row.user.role,
+            row.tokens_valid_after.unwrap_or(0),
+        )
+        .await?;
+        self.publish(CacheEvent::User(id)).await
+    }
+
+    async fn write_user(
+        &self,
+        id: Uuid,
+        status: &str,
+        role: &str,
+        tva: i64,
+    ) -> Result<(), SyncError> {
+        self.redis
+            .hset::<(), _, _>(
+                self.keys.user(id),
+                [
+                    (user_field::STATUS, status.to_owned()),
+                    (user_field::ROLE, role.to_owned()),
+                    (user_field::TOKENS_VALID_AFTER, tva.to_string()),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Writes or removes one API key's hash.
+    pub async fn api_key(&self, id: Uuid) -> Result<(), SyncError> {
+        let client = self.db.get().await.map_err(DbError::from)?;
+        let Some(key) = db::api_keys::for_sync(&**client, id).await? else {
+            return Ok(());
+        };
+        let Ok(hash) = <[u8; 32]>::try_from(key.hash.as_slice()) else {
+            return Ok(());
+        };
+        let hex = api_key::hex(&hash);
+        if key.live {
+            self.write_key(&hex, key.user_id, key.id, key.expires_at)
+                .await?;
+        } else {
+            self.redis.del::<(), _>(self.keys.api_key(&hex)).await?;
+        }
+        self.publish(CacheEvent::ApiKey(hex)).await
+    }
+
+    async fn write_key(
+        &self,
+        hex: &str,
+        user: Uuid,
+        key: Uuid,
+        expires_at: i64,
+    ) -> Result<(), SyncError> {
+        self.redis
+            .hset::<(), _, _>(
+                self.keys.api_key(hex),
+                [
+                    (api_key_field::USER_ID, user.to_string()),
+                    (api_key_field::KEY_ID, key.to_string()),
+                    (api_key_field::EXPIRES_AT, expires_at.to_string()),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Applies pending outbox rows; returns how many.
+    pub async fn drain_outbox(&self) -> Result<usize, SyncError> {
+        let mut client = self.db.get().await.map_err(DbError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(DbError::op("begin outbox"))?;
+        let rows = db::outbox::take(&tx, 100).await?;
+        let mut seen = HashSet::new();
+        for (_, topic, subject) in &rows {
+            if !seen.insert((*topic, subject.clone())) {
+                continue;
+            }
+            let Ok(id) = subject.parse::<Uuid>() else {
+                continue;
+            };
+            match topic {
+                Topic::User => self.user(id).await?,
+                Topic::ApiKey => self.api_key(id).await?,
+            }
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        db::outbox::done(&tx, &ids).await?;
+        tx.commit().await.map_err(DbError::op("commit outbox"))?;
+        Ok(rows.len())
+    }
+
+    /// Rewrites every user and API key from PostgreSQL and removes key hashes that are no longer
+    /// live. Safe to run at any time and on several replicas.
+    pub async fn reconcile(&self) -> Result<(), SyncError> {
+        let client = self.db.get().await.map_err(DbError::from)?;
+        let mut after = None;
+        let mut users = 0usize;
+        loop {
+            let batch = db::users::sync_batch(&**client, after, BATCH).await?;
+            let Some(last) = batch.last() else { break };
+            after = Some(last.0);
+            for (id, status, role, tva) in &batch {
+                self.write_user(*id, status, role, *tva).await?;
+            }
+            users += batch.len();
+        }
+        let mut live = HashSet::new();
+        let mut after = None;
+        loop {
+            let batch = db::api_keys::live_batch(&**client, after, BATCH).await?;
+            let Some(last) = batch.last() else { break };
+            after = Some(last.id);
+            for key in &batch {
+                let Ok(hash) = <[u8; 32]>::try_from(key.hash.as_slice()) else {
+                    continue;
+                };
+                let hex = api_key::hex(&hash);
+                self.write_key(&hex, key.user_id, key.id, key.expires_at)
+                    .await?;
+                live.insert(self.keys.api_key(&hex));
+            }
+        }
+        // Remove hashes of keys revoked or expired while Redis missed the news.
+        let mut stale = Vec::new();
+        let mut scan = self
+            .redis
+            .scan_cluster(self.keys.api_key_pattern(), Some(500), None);
+        while let Some(mut page) = scan.try_next().await? {
+            for key in page.take_results().unwrap_or_default() {
+                if let Some(name) = key.as_str() {
+                    if !live.contains(name) {
+                        stale.push(name.to_owned());
+                    }
+                }
+            }
+        }
+        for name in &stale {
+            self.redis.del::<(), _>(name.as_str()).await?;
+        }
+        tracing::info!(
+            users,
+            api_keys = live.len(),
+            removed = stale.len(),
+            "reconciled redis from postgres"
+        );
+        Ok(())
+    }
+
+    /// Moves API-key last-use times, collected in a Redis sorted set by the control plane and
+    /// the sidecars, into PostgreSQL in one batch.
+    pub async fn flush_key_use(&self) -> Result<usize, SyncError> {
+        let key = self.keys.api_key_last_used();
+        let entries: Vec<(String, f64)> = self
+            .redis
+            .zrange(key.as_str(), 0, 999, None, false, None, true)
+            .await?;
+        let uses: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> = entries
+            .iter()
+            .filter_map(|(id, at)| {
+                Some((
+                    id.parse().ok()?,
+                    chrono::DateTime::from_timestamp(*at as i64, 0)?,
+                ))
+            })
+            .collect();
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let client = self.db.get().await.map_err(DbError::from)?;
+        db::api_keys::record_last_used(&**client, &uses).await?;
+        // Remove what was recorded unless a newer use arrived meanwhile (ZREM only if the score is
+        // unchanged would need a script; a newer use re-adds the member, so removing by member
+        // can lose at most one newer timestamp until the next use).
+        let members: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
+        self.redis.zrem::<(), _, _>(key.as_str(), members).await?;
+        Ok(uses.len())
+    }
+
+    /// Notes a use of an API key (batched into PostgreSQL by `flush_key_use`).
+    pub async fn note_key_use(&self, key: Uuid) -> Result<(), SyncError> {
+        let now = chrono::Utc::now().timestamp() as f64;
+        self.redis
+            .zadd::<(), _, _>(
+                self.keys.api_key_last_used(),
+                None,
+                Some(fred::types::sorted_sets::Ordering::GreaterThan),
+                false,
+                false,
+                (now, key.to_string()),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The background worker: reconcile at start, then drain the outbox when kicked or every
+    /// half second, flush key use every 10 s, and reconcile again every `reconcile_every`.
+    pub async fn run(self, reconcile_every: Duration) {
+        let mut reconciled = false;
+        let mut last_reconcile = tokio::time::Instant::now();
+        let mut last_flush = tokio::time::Instant::now();
+        loop {
+            if !reconciled || last_reconcile.elapsed() >= reconcile_every {
+                match self.reconcile().await {
+                    Ok(()) => {
+                        reconciled = true;
+                        last_reconcile = tokio::time::Instant::now();
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reconcile failed; will retry"),
+                }
+            }
+            loop {
+                match self.drain_outbox().await {
+                    Ok(0) => break,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox drain failed; will retry");
+                        break;
+                    }
+                }
+            }
+            if last_flush.elapsed() >= Duration::from_secs(10) {
+                if let Err(e) = self.flush_key_use().await {
+                    tracing::warn!(error = %e, "recording api key use failed; will retry");
+                }
+                last_flush = tokio::time::Instant::now();
+            }
+            tokio::select! {
+                () = self.kick.notified() => {},
+                () = tokio::time::sleep(Duration::from_millis(500)) => {},
+            }
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The sidecar's one `Config`, built as defaults < file (`--config`) < environment < flags and
+//! validated as a whole. Every environment variable name is a constant here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tollgate_common::config::{ConfigError, Env, LogFormat, Millis, Problems, Secret};
+
+pub const ENV_LISTEN: &str = "TOLLGATE_SIDECAR_LISTEN";
+pub const ENV_ADMIN_LISTEN: &str = "TOLLGATE_SIDECAR_ADMIN_LISTEN";
+pub const ENV_UPSTREAM: &str = "TOLLGATE_SIDECAR_UPSTREAM";
+pub const ENV_ROUTES: &str = "TOLLGATE_SIDECAR_ROUTES";
+pub const ENV_CONTROL_PLANE_URL: &str = "TOLLGATE_SIDECAR_CONTROL_PLANE_URL";
+pub const ENV_REDIS_URL: &str = "REDIS_URL";
+pub const ENV_REDIS_PREFIX: &str = "TOLLGATE_REDIS_PREFIX";
+pub const ENV_REDIS_TIMEOUT: &str = "TOLLGATE_SIDECAR_REDIS_TIMEOUT";
+pub const ENV_FAIL_MODE: &str = "TOLLGATE_SIDECAR_FAIL_MODE";
+pub const ENV_JWT_ISSUER: &str = "TOLLGATE_JWT_ISSUER";
+pub const ENV_JWT_AUDIENCE: &str = "TOLLGATE_JWT_AUDIENCE";
+pub const ENV_TRUSTED_JWKS: &str = "TOLLGATE_SIDECAR_TRUSTED_JWKS";
+pub const ENV_UPSTREAM_TIMEOUT: &str = "TOLLGATE_SIDECAR_UPSTREAM_TIMEOUT";
+pub const ENV_CONNECT_TIMEOUT: &str = "TOLLGATE_SIDECAR_CONNECT_TIMEOUT";
+pub const ENV_HEADER_TIMEOUT: &str = "TOLLGATE_SIDECAR_HEADER_READ_TIMEOUT";
+pub const ENV_MAX_HEADER_BYTES: &str = "TOLLGATE_SIDECAR_MAX_HEADER_BYTES";
+pub const ENV_LOG_FORMAT: &str = "TOLLGATE_LOG_FORMAT";
+pub const ENV_LOG: &str = "TOLLGATE_LOG";
+pub const ENV_SHUTDOWN_GRACE: &str = "TOLLGATE_SHUTDOWN_GRACE";
+
+/// What to do when Redis cannot be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Refuse metered requests with `503 quota_backend_unavailable` (the default).
+    Closed,
+    /// Forward them uncounted, and log and count each one.
+    Open,
+}
+
+impl std::str::FromStr for FailMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "closed" => Ok(FailMode::Closed),
+            "open" => Ok(FailMode::Open),
+            other => Err(format!("expected closed or open, got {other:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The proxy listener; clients reach the app through it.
+    pub listen: SocketAddr,
+    /// `/healthz`, `/readyz` and `/metrics`; never on the proxy listener.
+    pub admin_listen: SocketAddr,
+    /// The app, e.g. `http://127.0.0.1:4200`. Overrides the routes file's `upstream`.
+    pub upstream: Option<String>,
+    /// The routes file (YAML).
+    pub routes: PathBuf,
+    pub control_plane_url: String,
+    pub redis_url: Secret,
+    pub redis_prefix: String,
+    /// Deadline for one Redis call on the request path.
+    pub redis_timeout: Millis,
+    pub fail_mode: FailMode,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    /// JWKS URLs of other issuers whose tokens are accepted too.
+    pub trusted_jwks: Vec<String>,
+    pub upstream_timeout: Millis,
+    pub connect_timeout: Millis,
+    pub header_read_timeout: Millis,
+    pub max_header_bytes: usize,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    pub shutdown_grace: Millis,
+}
+
+/// One source of settings; every field optional, later layers win.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub upstream: Option<String>,
+    pub routes: Option<PathBuf>,
+    pub control_plane_url: Option<String>,
+    pub redis_url: Option<Secret>,
+    pub redis_prefix: Option<String>,
+    pub redis_timeout: Option<Millis>,
+    pub fail_mode: Option<FailMode>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub trusted_jwks: Option<Vec<String>>,
+    pub upstream_timeout: Option<Millis>,
+    pub connect_timeout: Option<Millis>,
+    pub header_read_timeout: Option<Millis>,
+    pub max_header_bytes: Option<usize>,
+    pub log_format: Option<LogFormat>,
+    pub log: Option<String>,
+    pub shutdown_grace: Option<Millis>,
+}
+
+impl Layer {
+    fn from_env(env: &dyn Env, problems: &mut Problems) -> Layer {
+        Layer {
+            listen: env.var(ENV_LISTEN),
+            admin_listen: env.var(ENV_ADMIN_LISTEN),
+            upstream: env.var(ENV_UPSTREAM),
+            routes: env.var(ENV_ROUTES).map(PathBuf::from),
+            control_plane_url: env.var(ENV_CONTROL_PLANE_URL),
+            redis_url: env.var(ENV_REDIS_URL).map(Secret::new),
+            redis_prefix: env.var(ENV_REDIS_PREFIX),
+            redis_timeout: problems.env(env, ENV_REDIS_TIMEOUT),
+            fail_mode: problems.env(env, ENV_FAIL_MODE),
+            jwt_issuer: env.var(ENV_JWT_ISSUER),
+            jwt_audience: env.var(ENV_JWT_AUDIENCE),
+            trusted_jwks: env.var(ENV_TRUSTED_JWKS).map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }),
+            upstream_timeout: problems.env(env, ENV_UPSTREAM_TIMEOUT),
+            connect_timeout: problems.env(env, ENV_CONNECT_TIMEOUT),
+            header_read_timeout: problems.env(env, ENV_HEADER_TIMEOUT),
+            max_header_bytes: problems.env(env, ENV_MAX_HEADER_BYTES),
+            log_format: problems.env(env, ENV_LOG_FORMAT),
+            log: env.var(ENV_LOG),
+            shutdown_grace: problems.env(env, ENV_SHUTDOWN_GRACE),
+        }
+    }
+
+    /// `other`'s settings win over `self`'s.
+    fn overlay(self, other: Layer) -> Layer {
+        Layer {
+            listen: other.listen.or(self.listen),
+            admin_listen: other.admin_listen.or(self.admin_listen),
+            upstream: other.upstream.or(self.upstream),
+            routes: other.routes.or(self.routes),
+            control_plane_url: other.control_plane_url.or(self.control_plane_url),
+            redis_url: other.redis_url.or(self.redis_url),
+            redis_prefix: other.redis_prefix.or(self.redis_prefix),
+            redis_timeout: other.redis_timeout.or(self.redis_timeout),
+            fail_mode: other.fail_mode.or(self.fail_mode),
+            jwt_issuer: other.jwt_issuer.or(self.jwt_issuer),
+            jwt_audience: other.jwt_audience.or(self.jwt_audience),
+            trusted_jwks: other.trusted_jwks.or(self.trusted_jwks),
+            upstream_timeout: other.upstream_timeout.or(self.upstream_timeout),
+            connect_timeout: other.connect_timeout.or(self.connect_timeout),
+            header_read_timeout: other.header_read_timeout.or(self.header_read_timeout),
+            max_header_bytes: other.max_header_bytes.or(self.max_header_bytes),
+            log_format: other.log_format.or(self.log_format),
+            log: other.log.or(self.log),
+            shutdown_grace: other.shutdown_grace.or(self.shutdown_grace),
+        }
+    }
+}
+
+fn check_http_url(problems: &mut Problems, setting: &str, url: &str) {
+    if !(url.starts_with("http://") || url.starts_with("https://"))
+        || url.parse::<http::Uri>().is_err()
+    {
+        problems.push(
+            setting,
+            format_args!("{url:?} is not an http:// or https:// URL"),
+        );
+    }
+}
+
+fn addr(problems: &mut Problems, setting: &str, value: Option<&str>, default: &str) -> SocketAddr {
+    let value = value.unwrap_or(default);
+    value.parse().unwrap_or_else(|e| {
+        problems.push(setting, format_args!("{value:?} is not an address: {e}"));
+        default.parse().expect("defaults are valid addresses")
+    })
+}
+
+impl Config {
+    pub fn load(
+        file: Option<(&str, &str)>,
+        env: &dyn Env,
+        flags: Layer,
+    ) -> Result<Config, ConfigError> {
+        let mut problems = Problems::default();
+        let file_layer = match file {
+            Some((origin, text)) => problems.file::<Layer>(origin, text),
+            None => Layer::default(),
+        };
+        let env_layer = Layer::from_env(env, &mut problems);
+        let layer = file_layer.overlay(env_layer).overlay(flags);
+        let config = Config::validate(layer, &mut problems);
+        problems.finish(config)
+    }
+
+    fn validate(layer: Layer, problems: &mut Problems) -> Config {
+        let listen = addr(problems, "listen", layer.listen.as_deref(), "0.0.0.0:8080");
+        let admin_listen = addr(
+            problems,
+            "admin_listen",
+            layer.admin_listen.as_deref(),
+            "127.0.0.1:9090",
+        );
+        if listen == admin_listen {
+            problems.push(
+                "admin_listen",
+                "must differ from listen: ops endpoints never share the proxy listener",
+            );
+        }
+        if let Some(upstream) = &layer.upstream {
+            check_http_url(problems, "upstream", upstream);
+        }
+        let routes = layer.routes.unwrap_or_else(|| {
+            problems.push(
+                "routes",
+                format_args!("the routes file is required (--routes or {ENV_ROUTES})"),
+            );
+            PathBuf::new()
+        });
+        let control_plane_url = layer
+            .control_plane_url
+            .unwrap_or_else(|| "http://127.0.0.1:9001".to_owned())
+            .trim_end_matches('/')
+            .to_owned();
+        check_http_url(problems, "control_plane_url", &control_plane_url);
+        let trusted_jwks = layer.trusted_jwks.unwrap_or_default();
+        for url in &trusted_jwks {
+            check_http_url(problems, "trusted_jwks", url);
+        }
+        let redis_url = layer
+            .redis_url
+            .unwrap_or_else(|| Secret::new("redis://127.0.0.1:6379"));
+        if let Err(e) = fred::types::config::Config::from_url(redis_url.expose()) {
+            problems.push(
+                "redis_url",
+                format_args!("not a Redis URL: {}", e.details()),
+            );
+        }
+        let redis_prefix = layer.redis_prefix.unwrap_or_else(|| "tg".to_owned());
+        if redis_prefix.is_empty()
+            || redis_prefix.len() > 32
+            || !redis_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            problems.push(
+                "redis_prefix",
+                format_args!("{redis_prefix:?} must be 1-32 letters, digits, '_' or '-'"),
+            );
+        }
+        let redis_timeout = layer.redis_timeout.unwrap_or(Millis(50));
+        if !(1..=10_000).contains(&redis_timeout.0) {
+            problems.push(
+                "redis_timeout",
+                format_args!("{}ms is outside 1ms..=10s", redis_timeout.0),
+            );
+        }
+        let max_header_bytes = layer.max_header_bytes.unwrap_or(16 << 10);
+        if !(1024..=1 << 20).contains(&max_header_bytes) {
+            problems.push(
+                "max_header_bytes",
+                format_args!("{max_header_bytes} is outside 1024..=1048576"),
+            );
+        }
+        let log_filter = layer.log.unwrap_or_else(|| "info".to_owned());
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log_filter) {
+            problems.push("log", format_args!("{log_filter:?} is not a filter: {e}"));
+        }
+        for (setting, value) in [
+            ("upstream_timeout", layer.upstream_timeout),
+            ("connect_timeout", layer.connect_timeout),
+            ("header_read_timeout", layer.header_read_timeout),
+        ] {
+            if value.is_some_and(|m| m.0 == 0) {
+                problems.push(setting, "must be greater than zero");
+            }
+        }
+        Config {
+            listen,
+            admin_listen,
+            upstream: layer.upstream,
+            routes,
+            control_plane_url,
+            redis_url,
+            redis_prefix,
+            redis_timeout,
+            fail_mode: layer.fail_mode.unwrap_or(FailMode::Closed),
+            jwt_issuer: layer.jwt_issuer.unwrap_or_else(|| "tollgate".to_owned()),
+            jwt_audience: layer.jwt_audience.unwrap_or_else(|| "tollgate".to_owned()),
+            trusted_jwks,
+            upstream_timeout: layer.upstream_timeout.unwrap_or(Millis(60_000)),
+            connect_timeout: layer.connect_timeout.unwrap_or(Millis(2_000)),
+            header_read_timeout: layer.header_read_timeout.unwrap_or(Millis(10_000)),
+            max_header_bytes,
+            log_format: layer.log_format.unwrap_or(LogFormat::Json),
+            log_filter,
+            shutdown_grace: layer.shutdown_grace.unwrap_or(Millis(20_000)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_with_a_routes_file_are_valid() {
+        let config = Config::load(None, &env(&[(ENV_ROUTES, "routes.yaml")]), Layer::default())
+            .expect("valid");
+        assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(config.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(config.fail_mode, FailMode::Closed);
+        assert_eq!(config.redis_timeout, Millis(50));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let err = Config::load(
+            Some((
+                "sidecar.toml",
+                "fail_mode = \"sometimes\"\nlisten = \"127.0.0.1:9090\"\n",
+            )),
+            &env(&[
+                (ENV_REDIS_TIMEOUT, "fast"),
+                (ENV_UPSTREAM, "ftp://app"),
+                (ENV_TRUSTED_JWKS, "https://idp.example.com/jwks.json, nope"),
+            ]),
+            Layer::default(),
+        )
+        .expect_err("invalid");
+        let lines = err.0;
+        for start in [
+            "sidecar.toml: fail_mode:",
+            "admin_listen:",
+            "routes:",
+            ENV_REDIS_TIMEOUT,
+            "upstream:",
+            "trusted_jwks:",
+        ] {
+            assert_eq!(
+                lines.iter().filter(|l| l.starts_with(start)).count(),
+                1,
+                "{start}: {lines:?}"
+            );
+        }
+        assert_eq!(lines.len(), 6, "{lines:?}");
+    }
+
+    #[test]
+    fn trusted_jwks_list_from_env() {
+        let config = Config::load(
+            None,
+            &env(&[
+                (ENV_ROUTES, "r.yaml"),
+                (
+                    ENV_TRUSTED_JWKS,
+                    "https://a.example/jwks, https://b.example/jwks",
+                ),
+            ]),
+            Layer::default(),
+        )
+        .expect("valid");
+        assert_eq!(config.trusted_jwks.len(), 2);
+    }
+}
