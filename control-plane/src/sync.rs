@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
+use fred::interfaces::ClientLike;
 use fred::interfaces::{HashesInterface, KeysInterface, PubsubInterface, SortedSetsInterface};
 use fred::types::scan::Scanner;
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::Notify;
 use tollgate_common::api_key;
 use tollgate_common::keys::{CacheEvent, Keys, api_key_field, user_field};
@@ -195,9 +196,12 @@ impl Syncer {
         }
         // Remove hashes of keys revoked or expired while Redis missed the news.
         let mut stale = Vec::new();
-        let mut scan = self
-            .redis
-            .scan_cluster(self.keys.api_key_pattern(), Some(500), None);
+        let pattern = self.keys.api_key_pattern();
+        let mut scan = if self.redis.is_clustered() {
+            self.redis.scan_cluster(pattern, Some(500), None).boxed()
+        } else {
+            self.redis.scan(pattern, Some(500), None).boxed()
+        };
         while let Some(mut page) = scan.try_next().await? {
             for key in page.take_results().unwrap_or_default() {
                 if let Some(name) = key.as_str() {

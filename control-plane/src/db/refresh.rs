@@ -19,7 +19,7 @@ pub async fn start_family(
     tx.execute(
         "WITH f AS (INSERT INTO refresh_token_families (user_id) VALUES ($1) RETURNING id)
          INSERT INTO refresh_tokens (family_id, token_hash, expires_at)
-         SELECT f.id, $2, now() + $3 * interval '1 millisecond' FROM f",
+         SELECT f.id, $2, now() + $3::bigint * interval '1 millisecond' FROM f",
         &[&user, &token_hash.as_slice(), &ttl_ms],
     )
     .await
@@ -53,7 +53,7 @@ pub async fn rotate(
         .query_opt(
             "SELECT t.id, t.family_id, t.expires_at > now() AS live,
                     t.spent_at IS NOT NULL AS spent,
-                    t.spent_at > now() - $2 * interval '1 millisecond' AS in_grace,
+                    t.spent_at > now() - $2::bigint * interval '1 millisecond' AS in_grace,
                     f.revoked_at IS NOT NULL AS revoked,
                     u.id AS user_id, u.email, u.role, u.status, u.created_at
              FROM refresh_tokens t
@@ -109,7 +109,7 @@ pub async fn rotate(
     .map_err(DbError::op("spend refresh token"))?;
     tx.execute(
         "INSERT INTO refresh_tokens (family_id, token_hash, parent_id, expires_at)
-         VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond')",
+         VALUES ($1, $2, $3, now() + $4::bigint * interval '1 millisecond')",
         &[
             &family_id,
             &new_hash.as_slice(),

@@ -120,18 +120,31 @@ pub fn redis_prefix() -> String {
 
 /// A config pointing at this test's database and Redis prefix.
 pub fn config(db: &TestDb) -> Config {
-    let env: BTreeMap<String, String> = [
+    config_with(db, &[])
+}
+
+/// The signing key every test control plane uses, so tests can forge tokens with the real key.
+pub const TEST_KID: &str = "test-key-1";
+
+pub fn test_pem() -> &'static str {
+    static PEM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PEM.get_or_init(tollgate_control_plane::auth::signing::generate_pem)
+}
+
+/// A config with extra environment settings.
+pub fn config_with(db: &TestDb, extra: &[(&str, &str)]) -> Config {
+    let mut env: BTreeMap<String, String> = [
         ("DATABASE_URL".to_owned(), db.url.clone()),
         ("REDIS_URL".to_owned(), redis_url()),
         ("TOLLGATE_REDIS_PREFIX".to_owned(), redis_prefix()),
         ("TOLLGATE_LOG_FORMAT".to_owned(), "text".to_owned()),
-        (
-            "TOLLGATE_JWT_PRIVATE_KEY".to_owned(),
-            tollgate_control_plane::auth::signing::generate_pem(),
-        ),
-        ("TOLLGATE_JWT_KID".to_owned(), "test-key-1".to_owned()),
+        ("TOLLGATE_JWT_PRIVATE_KEY".to_owned(), test_pem().to_owned()),
+        ("TOLLGATE_JWT_KID".to_owned(), TEST_KID.to_owned()),
     ]
     .into();
+    for (k, v) in extra {
+        env.insert((*k).to_owned(), (*v).to_owned());
+    }
     Config::load(None, &env, Layer::default()).expect("test config is valid")
 }
 
@@ -142,6 +155,10 @@ pub struct Server {
 }
 
 pub async fn serve(config: Config) -> Server {
+    tollgate_common::telemetry::init(
+        tollgate_common::config::LogFormat::Text,
+        "warn,tollgate_control_plane=info",
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -156,4 +173,112 @@ pub async fn serve(config: Config) -> Server {
         }
     });
     Server { base, _stop: stop }
+}
+
+/// A small JSON client for tests.
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: serde_json::Value,
+}
+
+pub enum Cred<'a> {
+    None,
+    Bearer(&'a str),
+    Key(&'a str),
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        Api {
+            base: base.to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        cred: Cred<'_>,
+        body: Option<serde_json::Value>,
+    ) -> Reply {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        request = match cred {
+            Cred::None => request,
+            Cred::Bearer(token) => request.bearer_auth(token),
+            Cred::Key(key) => request.header("x-api-key", key),
+        };
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        let body = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str, cred: Cred<'_>) -> Reply {
+        self.call(reqwest::Method::GET, path, cred, None).await
+    }
+
+    pub async fn post(&self, path: &str, cred: Cred<'_>, body: serde_json::Value) -> Reply {
+        self.call(reqwest::Method::POST, path, cred, Some(body))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str, cred: Cred<'_>) -> Reply {
+        self.call(reqwest::Method::DELETE, path, cred, None).await
+    }
+
+    pub async fn patch(&self, path: &str, cred: Cred<'_>, body: serde_json::Value) -> Reply {
+        self.call(reqwest::Method::PATCH, path, cred, Some(body))
+            .await
+    }
+
+    /// Registers a user; returns (user id, access token, refresh token).
+    pub async fn register(&self, email: &str, password: &str) -> (String, String, String) {
+        let reply = self
+            .post(
+                "/v1/auth/register",
+                Cred::None,
+                serde_json::json!({"email": email, "password": password}),
+            )
+            .await;
+        assert_eq!(reply.status, 201, "register {email}: {:?}", reply.body);
+        (
+            reply.body["user"]["id"].as_str().expect("id").to_owned(),
+            reply.body["access_token"]
+                .as_str()
+                .expect("access")
+                .to_owned(),
+            reply.body["refresh_token"]
+                .as_str()
+                .expect("refresh")
+                .to_owned(),
+        )
+    }
+}
+
+/// A Redis connection for assertions, on the test's own prefix only.
+pub async fn redis() -> fred::clients::Client {
+    use fred::interfaces::ClientLike;
+    let client = tollgate_control_plane::redis::client(&redis_url()).expect("redis config");
+    client.init().await.expect("redis connects");
+    client
 }
