@@ -17,6 +17,18 @@ pub mod user_field {
     pub const ROLE: &str = "role";
     /// Access tokens issued before this (seconds since the epoch) are refused; 0 for none.
     pub const TOKENS_VALID_AFTER: &str = "tva";
+    /// The current plan's id (forwarded to the app as `X-Plan`).
+    pub const PLAN: &str = "plan";
+
+    /// The field holding one quota's effective limit and window: `"<limit>|<window>"`.
+    pub fn quota(app: &str, quota_type: &str) -> String {
+        format!("q:{app}:{quota_type}")
+    }
+
+    /// The value of a quota field.
+    pub fn quota_value(limit: i64, window: crate::window::Window) -> String {
+        format!("{limit}|{}", window.as_str())
+    }
 }
 
 /// Fields of an API key's hash (`Keys::api_key`).
@@ -52,6 +64,34 @@ impl Keys {
     /// A user's hash: status, role, token cut-off, and (with plans) limits.
     pub fn user(&self, user: Uuid) -> String {
         format!("{}:{{s:{}}}:u:{user}", self.prefix, shard(user))
+    }
+
+    /// A user's counter for one quota type: `u` (used) and `w` (window start, ms).
+    pub fn counter(&self, user: Uuid, app: &str, quota_type: &str) -> String {
+        format!(
+            "{}:{{s:{}}}:c:{user}:{app}:{quota_type}",
+            self.prefix,
+            shard(user)
+        )
+    }
+
+    /// A user's GCRA state for one rate limit of one app.
+    pub fn rate(&self, user: Uuid, app: &str, rule: &str) -> String {
+        format!(
+            "{}:{{s:{}}}:r:{user}:{app}:{rule}",
+            self.prefix,
+            shard(user)
+        )
+    }
+
+    /// The usage stream of a shard; the control plane drains all [`SHARDS`] of them.
+    pub fn usage_stream(&self, shard: u16) -> String {
+        format!("{}:{{s:{shard}}}:usage", self.prefix)
+    }
+
+    /// Marks one request as settled (refunded or committed), so settling twice is harmless.
+    pub fn settled(&self, user: Uuid, request: &str) -> String {
+        format!("{}:{{s:{}}}:settled:{request}", self.prefix, shard(user))
     }
 
     /// An API key's hash, by the hex of the key's SHA-256.
@@ -135,6 +175,21 @@ mod tests {
         let key = keys.user(user);
         assert_eq!(hash_tag(&key), format!("s:{}", shard(user)));
         assert!(key.starts_with("tg:{s:"));
+    }
+
+    #[test]
+    fn everything_one_decision_touches_shares_the_users_slot() {
+        let keys = Keys::new("tg");
+        let user = Uuid::new_v4();
+        let tag = hash_tag(&keys.user(user)).to_owned();
+        for key in [
+            keys.counter(user, "idoctor", "storage_bytes"),
+            keys.rate(user, "idoctor", "per-second"),
+            keys.usage_stream(shard(user)),
+            keys.settled(user, "req-1"),
+        ] {
+            assert_eq!(hash_tag(&key), tag, "{key}");
+        }
     }
 
     #[test]

@@ -9,3 +9,4 @@ pub mod error;
 pub mod keys;
 pub mod request_id;
 pub mod telemetry;
+pub mod window;

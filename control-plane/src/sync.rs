@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use fred::interfaces::ClientLike;
-use fred::interfaces::{HashesInterface, KeysInterface, PubsubInterface, SortedSetsInterface};
+use fred::interfaces::{
+    HashesInterface, KeysInterface, PubsubInterface, SortedSetsInterface, TransactionInterface,
+};
 use fred::types::scan::Scanner;
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::Notify;
@@ -61,39 +63,44 @@ impl Syncer {
         Ok(())
     }
 
-    /// Rewrites one user's hash from PostgreSQL.
-    pub async fn user(&self, id: Uuid) -> Result<(), SyncError> {
+    /// Rewrites one user's hash (status, role, token cut-off, plan and effective limits) from
+    /// PostgreSQL; `false` if there is no such user.
+    pub async fn user(&self, id: Uuid) -> Result<bool, SyncError> {
         let client = self.db.get().await.map_err(DbError::from)?;
-        let Some(row) = db::users::for_auth(&**client, id).await? else {
-            return Ok(());
+        let Some(state) = db::limits::user_state(&**client, id, chrono::Utc::now()).await? else {
+            return Ok(false);
         };
-        self.write_user(
-            id,
-            &row.user.status,
-            &row.user.role,
-            row.tokens_valid_after.unwrap_or(0),
-        )
-        .await?;
-        self.publish(CacheEvent::User(id)).await
+        self.write_user(&state).await?;
+        self.publish(CacheEvent::User(id)).await?;
+        Ok(true)
     }
 
-    async fn write_user(
-        &self,
-        id: Uuid,
-        status: &str,
-        role: &str,
-        tva: i64,
-    ) -> Result<(), SyncError> {
-        self.redis
-            .hset::<(), _, _>(
-                self.keys.user(id),
-                [
-                    (user_field::STATUS, status.to_owned()),
-                    (user_field::ROLE, role.to_owned()),
-                    (user_field::TOKENS_VALID_AFTER, tva.to_string()),
-                ],
-            )
-            .await?;
+    /// Replaces the user's hash in one transaction, so a sidecar never sees it half written
+    /// and no field of a quota the plan dropped survives.
+    async fn write_user(&self, state: &db::limits::UserState) -> Result<(), SyncError> {
+        let mut fields: Vec<(String, String)> = vec![
+            (user_field::STATUS.to_owned(), state.status.clone()),
+            (user_field::ROLE.to_owned(), state.role.clone()),
+            (
+                user_field::TOKENS_VALID_AFTER.to_owned(),
+                state.tokens_valid_after.to_string(),
+            ),
+            (
+                user_field::PLAN.to_owned(),
+                state.plan.clone().unwrap_or_default(),
+            ),
+        ];
+        for limit in &state.limits {
+            fields.push((
+                user_field::quota(&limit.app, &limit.quota_type),
+                user_field::quota_value(limit.limit, limit.window),
+            ));
+        }
+        let key = self.keys.user(state.id);
+        let tx = self.redis.multi();
+        tx.del::<(), _>(key.as_str()).await?;
+        tx.hset::<(), _, _>(key.as_str(), fields).await?;
+        tx.exec::<()>(true).await?;
         Ok(())
     }
 
@@ -153,7 +160,9 @@ impl Syncer {
                 continue;
             };
             match topic {
-                Topic::User => self.user(id).await?,
+                Topic::User => {
+                    self.user(id).await?;
+                }
                 Topic::ApiKey => self.api_key(id).await?,
             }
         }
@@ -169,12 +178,15 @@ impl Syncer {
         let client = self.db.get().await.map_err(DbError::from)?;
         let mut after = None;
         let mut users = 0usize;
+        let now = chrono::Utc::now();
         loop {
             let batch = db::users::sync_batch(&**client, after, BATCH).await?;
             let Some(last) = batch.last() else { break };
             after = Some(last.0);
-            for (id, status, role, tva) in &batch {
-                self.write_user(*id, status, role, *tva).await?;
+            for (id, ..) in &batch {
+                if let Some(state) = db::limits::user_state(&**client, *id, now).await? {
+                    self.write_user(&state).await?;
+                }
             }
             users += batch.len();
         }

@@ -1,4 +1,5 @@
-//! `tollgate-sidecar`: validates its configuration; the proxy itself arrives with issue 4.
+//! `tollgate-sidecar`: the proxy listener, the admin listener, SIGHUP to reload the routes file,
+//! SIGTERM to drain and stop.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,11 +67,59 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = tollgate_sidecar::load_table(&config) {
+        for line in e.to_string().lines() {
+            eprintln!("config: {line}");
+        }
+        return ExitCode::from(2);
+    }
     if cli.check {
-        println!("configuration is valid");
+        println!("configuration and routes file are valid");
         return ExitCode::SUCCESS;
     }
     tollgate_common::telemetry::init(config.log_format, &config.log_filter);
-    eprintln!("error: the proxy is not implemented yet");
-    ExitCode::FAILURE
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let admin = tokio::net::TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.admin_listen))?;
+        tollgate_sidecar::run(config, listener, admin, shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod limits;
 pub mod migrate;
 pub mod outbox;
 pub mod refresh;

@@ -5,7 +5,8 @@
 use super::DbError;
 
 const SEED: &str = r#"
-INSERT INTO apps (id, name) VALUES ('idoctor', 'iDoctor CT analysis') ON CONFLICT DO NOTHING;
+INSERT INTO apps (id, name, time_zone) VALUES ('idoctor', 'iDoctor CT analysis', 'Asia/Shanghai')
+ON CONFLICT DO NOTHING;
 
 INSERT INTO quota_types (app_id, key, name, unit, "window") VALUES
     ('idoctor', 'api_calls_full_process', 'Full CT processing (L3 detection + muscle segmentation)', 'calls', 'month'),

@@ -8,6 +8,7 @@ pub mod cursor;
 pub mod dto;
 pub mod error;
 pub mod extract;
+mod internal;
 mod ops;
 
 use std::sync::Arc;
@@ -68,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/api-keys/{id}", delete(api_keys::revoke))
         .route("/v1/admin/users", get(admin::list_users))
         .route("/v1/admin/users/{id}", patch(admin::patch_user))
+        .route("/internal/users/{id}/sync", post(internal::sync_user))
         // Inside routing, so the matched route template is known.
         .route_layer(middleware::from_fn(label_route))
         .fallback(not_found)

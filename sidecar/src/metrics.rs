@@ -1,0 +1,136 @@
+//! The sidecar's Prometheus metrics (`tollgate_sidecar_*`). Dashboards and alerts in `k8s/` use
+//! exactly these names.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route label and decision.
+    pub requests: IntCounterVec,
+    /// Time of the decision (authentication and the Redis call), by route.
+    pub decision_seconds: HistogramVec,
+    /// Time the app took, by route.
+    pub upstream_seconds: HistogramVec,
+    pub redis_errors: IntCounterVec,
+    pub cache: IntCounterVec,
+    pub in_flight: IntGauge,
+    /// Requests forwarded uncounted because Redis was unavailable and fail-open is configured.
+    pub fail_open: IntCounterVec,
+    pub refunds: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tollgate_sidecar_requests_total",
+                "Requests by route and decision (allowed, unauthorized, forbidden, rate_limited, quota_exceeded, backend_unavailable, bad_gateway, ...).",
+            ),
+            &["route", "decision"],
+        )
+        .expect("valid metric");
+        let decision_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_sidecar_decision_duration_seconds",
+                "Time to authenticate and decide a request (including its Redis call).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric");
+        let upstream_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_sidecar_upstream_duration_seconds",
+                "Time until the app's response head arrived.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric");
+        let redis_errors = IntCounterVec::new(
+            Opts::new(
+                "tollgate_sidecar_redis_errors_total",
+                "Failed Redis calls by operation.",
+            ),
+            &["op"],
+        )
+        .expect("valid metric");
+        let cache = IntCounterVec::new(
+            Opts::new(
+                "tollgate_sidecar_cache_requests_total",
+                "In-process cache lookups by cache and result (hit, miss).",
+            ),
+            &["cache", "result"],
+        )
+        .expect("valid metric");
+        let in_flight = IntGauge::new(
+            "tollgate_sidecar_in_flight_requests",
+            "Requests being handled right now.",
+        )
+        .expect("valid metric");
+        let fail_open = IntCounterVec::new(
+            Opts::new(
+                "tollgate_sidecar_fail_open_total",
+                "Requests forwarded uncounted because Redis was unavailable (fail-open).",
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
+        let refunds = IntCounterVec::new(
+            Opts::new(
+                "tollgate_sidecar_refunds_total",
+                "Costs given back because the app failed or was unreachable, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(decision_seconds.clone()),
+            Box::new(upstream_seconds.clone()),
+            Box::new(redis_errors.clone()),
+            Box::new(cache.clone()),
+            Box::new(in_flight.clone()),
+            Box::new(fail_open.clone()),
+            Box::new(refunds.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            requests,
+            decision_seconds,
+            upstream_seconds,
+            redis_errors,
+            cache,
+            in_flight,
+            fail_open,
+            refunds,
+        }
+    }
+
+    pub fn cache(&self, cache: &str, hit: bool) {
+        self.cache
+            .with_label_values(&[cache, if hit { "hit" } else { "miss" }])
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
