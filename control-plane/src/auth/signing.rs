@@ -5,16 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use base64::Engine;
 use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 
 use crate::config::JwtConfig;
-
-/// The fixed PKCS#8 header of an Ed25519 private key (RFC 8410); the 32-byte seed follows it.
-const ED25519_PKCS8_HEADER: [u8; 16] = [
-    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -75,14 +69,7 @@ fn parse_key(kid: &str, pem: &[u8]) -> Result<SigningKey, KeyError> {
     })
 }
 
-/// A new Ed25519 private key as PKCS#8 PEM.
-pub fn generate_pem() -> String {
-    let seed: [u8; 32] = rand::random();
-    let mut der = ED25519_PKCS8_HEADER.to_vec();
-    der.extend_from_slice(&seed);
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
-}
+pub use tollgate_common::claims::generate_ed25519_pem as generate_pem;
 
 fn load_dir(dir: &Path, active_kid: Option<&str>) -> Result<KeyRing, KeyError> {
     let entries =

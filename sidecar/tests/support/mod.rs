@@ -1,0 +1,443 @@
+//! Test support: a real sidecar (started through `tollgate_sidecar::run` on 127.0.0.1:0) in front
+//! of a real upstream, against the real Redis at `REDIS_URL` (or the Redis Cluster at
+//! `TOLLGATE_TEST_REDIS_CLUSTER_URL`), under a key prefix of the test's own. The test plays the
+//! control plane's part: it serves a JWKS, signs tokens, and writes users and API keys into Redis
+//! under the shared key schema.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{any, get, post};
+use fred::interfaces::{
+    ClientLike, HashesInterface, KeysInterface, PubsubInterface, StreamsInterface,
+};
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tollgate_common::keys::{CacheEvent, Keys, user_field};
+use tollgate_common::window::Window;
+use uuid::Uuid;
+
+pub const KID: &str = "sidecar-test-key";
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// The Redis Cluster that `scripts/test` starts, if any.
+pub fn cluster_url() -> Option<String> {
+    std::env::var("TOLLGATE_TEST_REDIS_CLUSTER_URL").ok()
+}
+
+pub async fn redis(url: &str) -> fred::clients::Client {
+    let config = fred::types::config::Config::from_url(url).expect("redis url");
+    let client = fred::types::Builder::from_config(config)
+        .build()
+        .expect("client");
+    client.init().await.expect("redis connects");
+    client
+}
+
+/// The control plane's part, played by the test.
+pub struct ControlPlane {
+    pub url: String,
+    pub redis: fred::clients::Client,
+    pub keys: Keys,
+    encoding: EncodingKey,
+    /// Users the fake control plane writes on a refill request, with their limits.
+    pending: Arc<std::sync::Mutex<BTreeMap<Uuid, Vec<(String, i64, Window)>>>>,
+    pub refills: Arc<AtomicUsize>,
+}
+
+#[derive(Clone)]
+struct CpState {
+    jwks: Arc<Value>,
+    redis: fred::clients::Client,
+    keys: Keys,
+    pending: Arc<std::sync::Mutex<BTreeMap<Uuid, Vec<(String, i64, Window)>>>>,
+    refills: Arc<AtomicUsize>,
+}
+
+pub async fn spawn_router(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
+impl ControlPlane {
+    pub async fn start(redis_url: &str) -> ControlPlane {
+        let pem = tollgate_common::claims::generate_ed25519_pem();
+        let encoding = EncodingKey::from_ed_pem(pem.as_bytes()).expect("key");
+        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::EdDSA).expect("jwk");
+        jwk.common.key_id = Some(KID.to_owned());
+        let jwks = serde_json::to_value(JwkSet { keys: vec![jwk] }).expect("json");
+        let redis = redis(redis_url).await;
+        let keys = Keys::new(format!("t{}", &Uuid::new_v4().simple().to_string()[..10]));
+        let pending = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+        let refills = Arc::new(AtomicUsize::new(0));
+        let state = CpState {
+            jwks: Arc::new(jwks),
+            redis: redis.clone(),
+            keys: keys.clone(),
+            pending: pending.clone(),
+            refills: refills.clone(),
+        };
+        let router = Router::new()
+            .route(
+                "/.well-known/jwks.json",
+                get(|State(s): State<CpState>| async move { axum::Json((*s.jwks).clone()) }),
+            )
+            .route("/internal/users/{id}/sync", post(refill))
+            .with_state(state);
+        let addr = spawn_router(router).await;
+        ControlPlane {
+            url: format!("http://{addr}"),
+            redis,
+            keys,
+            encoding,
+            pending,
+            refills,
+        }
+    }
+
+    /// Writes an active user with these limits (app `idoctor`), as the control plane would.
+    pub async fn user(&self, limits: &[(&str, i64, Window)]) -> Uuid {
+        let id = Uuid::new_v4();
+        self.write_user(id, "active", limits).await;
+        id
+    }
+
+    pub async fn write_user(&self, id: Uuid, status: &str, limits: &[(&str, i64, Window)]) {
+        let limits: Vec<(String, i64, Window)> = limits
+            .iter()
+            .map(|(t, l, w)| ((*t).to_owned(), *l, *w))
+            .collect();
+        write_user_hash(&self.redis, &self.keys, id, status, &limits).await;
+    }
+
+    /// A user the fake control plane only writes when a sidecar asks for it.
+    pub fn user_on_request(&self, limits: &[(&str, i64, Window)]) -> Uuid {
+        let id = Uuid::new_v4();
+        self.pending.lock().expect("lock").insert(
+            id,
+            limits
+                .iter()
+                .map(|(t, l, w)| ((*t).to_owned(), *l, *w))
+                .collect(),
+        );
+        id
+    }
+
+    pub fn token(&self, user: Uuid) -> String {
+        self.token_with(user, json!({}))
+    }
+
+    pub fn token_with(&self, user: Uuid, over: Value) -> String {
+        let now = chrono::Utc::now().timestamp();
+        let mut claims = json!({
+            "sub": user.to_string(), "iss": "tollgate", "aud": "tollgate", "iat": now,
+            "nbf": now, "exp": now + 600, "jti": Uuid::new_v4().to_string(), "role": "user"
+        });
+        for (k, v) in over.as_object().expect("object") {
+            claims[k] = v.clone();
+        }
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(KID.to_owned());
+        jsonwebtoken::encode(&header, &claims, &self.encoding).expect("sign")
+    }
+
+    /// A live API key for `user`, written into Redis.
+    pub async fn api_key(&self, user: Uuid, expires_at: i64) -> String {
+        let key = tollgate_common::api_key::generate();
+        let hex = tollgate_common::api_key::hex(&tollgate_common::api_key::hash(&key));
+        let _: () = self
+            .redis
+            .hset(
+                self.keys.api_key(&hex),
+                [
+                    ("uid", user.to_string()),
+                    ("kid", Uuid::new_v4().to_string()),
+                    ("exp", expires_at.to_string()),
+                ],
+            )
+            .await
+            .expect("hset key");
+        key
+    }
+
+    /// Revokes a key as the control plane does: delete, then announce.
+    pub async fn revoke(&self, key: &str) {
+        let hex = tollgate_common::api_key::hex(&tollgate_common::api_key::hash(key));
+        let _: () = self.redis.del(self.keys.api_key(&hex)).await.expect("del");
+        let _: () = self
+            .redis
+            .publish(self.keys.events_channel(), CacheEvent::ApiKey(hex).encode())
+            .await
+            .expect("publish");
+    }
+
+    pub async fn used(&self, user: Uuid, quota_type: &str) -> i64 {
+        let used: Option<i64> = self
+            .redis
+            .hget(self.keys.counter(user, "idoctor", quota_type), "u")
+            .await
+            .expect("hget");
+        used.unwrap_or(0)
+    }
+
+    /// Usage events (not refund markers) in the user's shard stream for this user.
+    pub async fn events(&self, user: Uuid) -> Vec<BTreeMap<String, String>> {
+        let stream = self.keys.usage_stream(tollgate_common::keys::shard(user));
+        let entries: Vec<(String, BTreeMap<String, String>)> = self
+            .redis
+            .xrange(stream, "-", "+", None)
+            .await
+            .expect("xrange");
+        entries
+            .into_iter()
+            .map(|(_, fields)| fields)
+            .filter(|f| f.get("k").map(String::as_str) == Some("use"))
+            .filter(|f| f.get("u") == Some(&user.to_string()))
+            .collect()
+    }
+
+    /// Deletes every key under the test's prefix (and nothing else).
+    pub async fn cleanup(&self) {
+        use fred::types::scan::Scanner;
+        use futures_util::{StreamExt, TryStreamExt};
+        let pattern = format!("{}:*", self.keys.prefix());
+        let mut scan = if self.redis.is_clustered() {
+            self.redis.scan_cluster(pattern, Some(1000), None).boxed()
+        } else {
+            self.redis.scan(pattern, Some(1000), None).boxed()
+        };
+        let mut found = Vec::new();
+        while let Ok(Some(mut page)) = scan.try_next().await {
+            found.extend(page.take_results().unwrap_or_default());
+        }
+        for key in found {
+            let _: Result<(), _> = self.redis.del(key).await;
+        }
+    }
+}
+
+async fn write_user_hash(
+    redis: &fred::clients::Client,
+    keys: &Keys,
+    id: Uuid,
+    status: &str,
+    limits: &[(String, i64, Window)],
+) {
+    let mut fields: Vec<(String, String)> = vec![
+        (user_field::STATUS.to_owned(), status.to_owned()),
+        (user_field::ROLE.to_owned(), "user".to_owned()),
+        (user_field::TOKENS_VALID_AFTER.to_owned(), "0".to_owned()),
+        (user_field::PLAN.to_owned(), "free".to_owned()),
+    ];
+    for (quota_type, limit, window) in limits {
+        fields.push((
+            user_field::quota("idoctor", quota_type),
+            user_field::quota_value(*limit, *window),
+        ));
+    }
+    let _: () = redis.hset(keys.user(id), fields).await.expect("hset user");
+}
+
+async fn refill(State(s): State<CpState>, Path(id): Path<String>) -> StatusCode {
+    s.refills.fetch_add(1, Ordering::SeqCst);
+    let Ok(id) = id.parse::<Uuid>() else {
+        return StatusCode::NOT_FOUND;
+    };
+    let limits = s.pending.lock().expect("lock").get(&id).cloned();
+    match limits {
+        Some(limits) => {
+            write_user_hash(&s.redis, &s.keys, id, "active", &limits).await;
+            StatusCode::NO_CONTENT
+        }
+        None => StatusCode::NOT_FOUND,
+    }
+}
+
+/// An upstream that echoes what it received: `/status/{code}` answers that status.
+pub async fn echo_upstream() -> (String, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let router = Router::new().fallback(any(move |method: axum::http::Method, uri: axum::http::Uri, headers: HeaderMap, body: axum::body::Bytes| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let status = uri
+                .path()
+                .strip_prefix("/status/")
+                .and_then(|c| c.parse::<u16>().ok())
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::OK);
+            let headers: BTreeMap<String, String> = headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                .collect();
+            (
+                status,
+                axum::Json(json!({"method": method.as_str(), "path": uri.path(), "headers": headers, "body_len": body.len()})),
+            )
+        }
+    }));
+    let addr = spawn_router(router).await;
+    (format!("http://{addr}"), calls)
+}
+
+/// The demo iDoctor app on 127.0.0.1:0.
+pub async fn demo_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(tollgate_demo_idoctor::run(listener, std::future::pending()));
+    format!("http://{addr}")
+}
+
+pub const ROUTES: &str = r#"
+app: idoctor
+time_zone: Asia/Shanghai
+rate_limits:
+  - {name: per-second, rate: 100, period: 1s, burst: 200}
+routes:
+  - {method: GET, path: /health, public: true}
+  - {method: POST, path: "/process/{patient}/{date}", quota: api_calls_full_process, cost: 1}
+  - {method: POST, path: "/l3/{patient}", quota: api_calls_l3_detect, cost: 1}
+  - {method: POST, path: "/muscle/{patient}", quota: api_calls_muscle_seg, cost: 1}
+  - {method: POST, path: /upload, quota: storage_bytes, cost: request_body_bytes}
+  - {method: '*', path: "/status/*", quota: api_calls_l3_detect, cost: 1}
+  - method: GET
+    path: /tight
+    rate_limits: [{name: tight, rate: 2, period: 1m, burst: 2}]
+"#;
+
+pub struct Sidecar {
+    pub base: String,
+    pub admin: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: TempDir,
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(format!("tg-sidecar-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn sidecar_env(
+    cp: &ControlPlane,
+    redis_url: &str,
+    upstream: &str,
+    routes: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = [
+        ("TOLLGATE_SIDECAR_ROUTES", routes.display().to_string()),
+        ("TOLLGATE_SIDECAR_UPSTREAM", upstream.to_owned()),
+        ("TOLLGATE_SIDECAR_CONTROL_PLANE_URL", cp.url.clone()),
+        ("REDIS_URL", redis_url.to_owned()),
+        ("TOLLGATE_REDIS_PREFIX", cp.keys.prefix().to_owned()),
+        ("TOLLGATE_SIDECAR_REDIS_TIMEOUT", "500ms".to_owned()),
+        ("TOLLGATE_LOG_FORMAT", "text".to_owned()),
+        ("TOLLGATE_SIDECAR_LISTEN", "127.0.0.1:0".to_owned()),
+        ("TOLLGATE_SIDECAR_ADMIN_LISTEN", "127.0.0.1:1".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for (k, v) in extra {
+        env.insert((*k).to_owned(), (*v).to_owned());
+    }
+    env
+}
+
+pub async fn start_sidecar(
+    cp: &ControlPlane,
+    redis_url: &str,
+    upstream: &str,
+    routes: &str,
+    extra: &[(&str, &str)],
+) -> Sidecar {
+    tollgate_common::telemetry::init(tollgate_common::config::LogFormat::Text, "warn");
+    let dir = TempDir::new();
+    let path = dir.0.join("routes.yaml");
+    std::fs::write(&path, routes).expect("write routes");
+    let env = sidecar_env(cp, redis_url, upstream, &path, extra);
+    let config = tollgate_sidecar::config::Config::load(None, &env, Default::default())
+        .expect("valid config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        if let Err(e) = tollgate_sidecar::run(config, listener, admin, shutdown).await {
+            panic!("sidecar failed: {e}");
+        }
+    });
+    // Ready once the JWKS is loaded and Redis answers.
+    let http = reqwest::Client::new();
+    for _ in 0..100 {
+        if let Ok(r) = http.get(format!("{admin_url}/readyz")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Sidecar {
+        base,
+        admin: admin_url,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+pub async fn send(request: reqwest::RequestBuilder) -> Reply {
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
