@@ -415,6 +415,55 @@ delete_prefixed_keys() {
         xargs -r -d '\n' -n 100 redis-cli -u "$url" DEL >/dev/null 2>&1 || true
 }
 
+# start_redis_cluster DIR: a throwaway three-master Redis Cluster on free ports under DIR, for
+# the cluster variants of the quota tests. Sets REDIS_CLUSTER_URL (redis-cluster://...).
+start_redis_cluster() {
+    local dir=$1 ports=() p i
+    command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+    mkdir -p "$dir"
+    for i in 1 2 3; do
+        # A cluster node also listens on port + 10000, so both must be free and below 65536.
+        for _ in $(seq 1 200); do
+            p=$((20000 + RANDOM % 25000))
+            [[ " ${ports[*]} " == *" $p "* ]] && continue
+            port_in_use "$p" || port_in_use $((p + 10000)) || break
+        done
+        mkdir -p "$dir/$p"
+        redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes \
+            --cluster-config-file "$dir/$p/nodes.conf" --cluster-node-timeout 2000 \
+            --save "" --appendonly no --dir "$dir/$p" --daemonize yes \
+            --pidfile "$dir/$p/redis.pid" --logfile "$dir/$p/redis.log" >/dev/null
+        ports+=("$p")
+    done
+    for p in "${ports[@]}"; do
+        for i in $(seq 1 50); do
+            redis-cli -p "$p" ping >/dev/null 2>&1 && break
+            sleep 0.1
+        done
+    done
+    redis-cli --cluster create "${ports[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >"$dir/create.log" 2>&1 ||
+        die "could not create the test Redis Cluster (see $dir/create.log)"
+    for i in $(seq 1 100); do
+        if redis-cli -p "${ports[0]}" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; then
+            REDIS_CLUSTER_URL="redis-cluster://127.0.0.1:${ports[0]}"
+            return 0
+        fi
+        sleep 0.2
+    done
+    die "the test Redis Cluster did not become ready"
+}
+
+# stop_redis_cluster DIR: stops the cluster start_redis_cluster made there and removes it.
+stop_redis_cluster() {
+    local dir=$1 pidfile
+    [[ -d $dir ]] || return 0
+    for pidfile in "$dir"/*/redis.pid; do
+        [[ -f $pidfile ]] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    done
+    sleep 0.2
+    rm -rf "$dir"
+}
+
 redis_reachable() {
     [[ "$(timeout 5 redis-cli -u "$1" ping 2>/dev/null)" == PONG ]]
 }

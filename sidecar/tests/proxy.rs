@@ -223,6 +223,10 @@ async fn revoked_api_key_is_refused_within_a_second() {
 
 async fn quota_and_refunds(redis_url: &str) {
     let cp = ControlPlane::start(redis_url).await;
+    assert_eq!(
+        fred::interfaces::ClientLike::is_clustered(&cp.redis),
+        redis_url.starts_with("redis-cluster://")
+    );
     let upstream = demo_upstream().await;
     let sc = start_sidecar(&cp, redis_url, &upstream, ROUTES, &[]).await;
     let user = cp.user(&[("api_calls_full_process", 3, Month)]).await;
@@ -510,6 +514,10 @@ async fn a_missing_user_hash_is_refilled_once_by_the_control_plane() {
 
 async fn exactly_min_n_r_across_two_sidecars(redis_url: &str) {
     let cp = ControlPlane::start(redis_url).await;
+    assert_eq!(
+        fred::interfaces::ClientLike::is_clustered(&cp.redis),
+        redis_url.starts_with("redis-cluster://")
+    );
     let (upstream, _) = echo_upstream().await;
     let a = start_sidecar(&cp, redis_url, &upstream, ROUTES, &[]).await;
     let b = start_sidecar(&cp, redis_url, &upstream, ROUTES, &[]).await;
