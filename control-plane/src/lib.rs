@@ -6,6 +6,8 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod http;
+pub mod jobs;
+pub mod ledger;
 pub mod metrics;
 pub mod redis;
 pub mod sync;
@@ -61,14 +63,24 @@ pub async fn run(
     );
     let keys = tollgate_common::keys::Keys::new(config.redis_prefix.clone());
     let sync = sync::Syncer::new(db.clone(), redis.clone(), keys.clone());
-    let worker = tokio::spawn(sync.clone().run(std::time::Duration::from_secs(600)));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let workers = [
+        tokio::spawn(sync.clone().run(std::time::Duration::from_secs(600))),
+        tokio::spawn(
+            ledger::Drainer::new(db.clone(), redis.clone(), keys.clone(), metrics.clone()).run(),
+        ),
+        tokio::spawn(jobs::run_lapses(
+            sync.clone(),
+            std::time::Duration::from_secs(5),
+        )),
+    ];
     let state = AppState {
         hasher: auth::Hasher::new(config.hash_concurrency)?,
         throttle: auth::throttle::Throttle::new(keys, config.login.clone()),
         config: Arc::new(config),
         db,
         redis: redis.clone(),
-        metrics: Arc::new(metrics::Metrics::new()),
+        metrics,
         tokens,
         sync,
     };
@@ -88,7 +100,9 @@ pub async fn run(
         served = server => served?,
         () = deadline => tracing::warn!("shutdown grace expired with requests still in flight"),
     }
-    worker.abort();
+    for worker in workers {
+        worker.abort();
+    }
     let _ = redis.quit().await;
     Ok(())
 }

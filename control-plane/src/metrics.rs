@@ -3,13 +3,21 @@
 //! exactly these names.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
+    /// Usage-stream entries drained into the ledger, by kind (use, refund, malformed,
+    /// duplicate_or_unknown).
+    pub usage_ingested: IntCounterVec,
+    /// Entries waiting in the sidecars' usage streams.
+    pub usage_backlog: IntGauge,
+    /// Age of the oldest event in the last drained batch.
+    pub usage_lag: Gauge,
 }
 
 impl Metrics {
@@ -34,9 +42,30 @@ impl Metrics {
             &["route"],
         )
         .expect("valid metric");
+        let usage_ingested = IntCounterVec::new(
+            Opts::new(
+                "tollgate_cp_usage_events_ingested_total",
+                "Usage-stream entries drained into the ledger, by kind.",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let usage_backlog = IntGauge::new(
+            "tollgate_cp_usage_backlog_entries",
+            "Entries waiting in the sidecars' usage streams.",
+        )
+        .expect("valid metric");
+        let usage_lag = Gauge::new(
+            "tollgate_cp_usage_lag_seconds",
+            "Age of the oldest usage event in the last batch drained into the ledger.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
+            Box::new(usage_ingested.clone()),
+            Box::new(usage_backlog.clone()),
+            Box::new(usage_lag.clone()),
         ] {
             registry
                 .register(collector)
@@ -46,6 +75,9 @@ impl Metrics {
             registry,
             http_requests,
             http_duration,
+            usage_ingested,
+            usage_backlog,
+            usage_lag,
         }
     }
 

@@ -13,6 +13,7 @@ use fred::interfaces::{
     HashesInterface, KeysInterface, PubsubInterface, SortedSetsInterface, TransactionInterface,
 };
 use fred::types::scan::Scanner;
+use fred::types::scripts::Script;
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::Notify;
 use tollgate_common::api_key;
@@ -37,7 +38,12 @@ pub struct Syncer {
     pub redis: RedisClient,
     pub keys: Keys,
     kick: Arc<Notify>,
+    set_counter_script: Script,
 }
+
+static SET_COUNTER: &str = include_str!("../../lua/set_counter.lua");
+/// Counters outlive their window by a week (as `lua/decide.lua` sets them).
+const COUNTER_RETAIN_MS: i64 = 7 * 24 * 3600 * 1000;
 
 const BATCH: i64 = 500;
 
@@ -48,6 +54,7 @@ impl Syncer {
             redis,
             keys,
             kick: Arc::new(Notify::new()),
+            set_counter_script: Script::from_lua(SET_COUNTER),
         }
     }
 
@@ -71,6 +78,7 @@ impl Syncer {
             return Ok(false);
         };
         self.write_user(&state).await?;
+        self.restore_counters(&state).await?;
         self.publish(CacheEvent::User(id)).await?;
         Ok(true)
     }
@@ -102,6 +110,67 @@ impl Syncer {
         tx.hset::<(), _, _>(key.as_str(), fields).await?;
         tx.exec::<()>(true).await?;
         Ok(())
+    }
+
+    /// Rebuilds the user's counters that Redis lost, from the ledger (never touching a live one),
+    /// so that losing Redis never hands out free calls.
+    async fn restore_counters(&self, state: &db::limits::UserState) -> Result<(), SyncError> {
+        let client = self.db.get().await.map_err(DbError::from)?;
+        for limit in &state.limits {
+            let key = self.keys.counter(state.id, &limit.app, &limit.quota_type);
+            let exists: bool = self.redis.exists(key.as_str()).await?;
+            if exists {
+                continue;
+            }
+            let used = db::usage::used_since(
+                &**client,
+                state.id,
+                &limit.app,
+                &limit.quota_type,
+                limit.window_start,
+            )
+            .await?;
+            self.set_counter(&key, used, limit, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a counter for the limit's current window (`lua/set_counter.lua`).
+    pub async fn set_counter(
+        &self,
+        key: &str,
+        used: i64,
+        limit: &db::limits::Limit,
+        always: bool,
+    ) -> Result<(), SyncError> {
+        let expire = limit
+            .window_end
+            .map_or(0, |end| end.timestamp_millis() + COUNTER_RETAIN_MS);
+        let _: i64 = self
+            .set_counter_script
+            .evalsha_with_reload(
+                &self.redis,
+                vec![key.to_owned()],
+                vec![
+                    used.to_string(),
+                    limit.window_start.timestamp_millis().to_string(),
+                    expire.to_string(),
+                    if always { "always" } else { "if_missing" }.to_owned(),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// An admin reset: the current window's `used` is 0 in Redis (the reset is recorded in
+    /// PostgreSQL by the caller, so a rebuild honours it too).
+    pub async fn reset_counter(
+        &self,
+        user: Uuid,
+        limit: &db::limits::Limit,
+    ) -> Result<(), SyncError> {
+        let key = self.keys.counter(user, &limit.app, &limit.quota_type);
+        self.set_counter(&key, 0, limit, true).await
     }
 
     /// Writes or removes one API key's hash.
@@ -156,14 +225,24 @@ impl Syncer {
             if !seen.insert((*topic, subject.clone())) {
                 continue;
             }
-            let Ok(id) = subject.parse::<Uuid>() else {
-                continue;
-            };
             match topic {
-                Topic::User => {
-                    self.user(id).await?;
+                Topic::Plan => {
+                    let reader = self.db.get().await.map_err(DbError::from)?;
+                    let users = db::subscriptions::subscribers(&**reader, subject).await?;
+                    for user in users {
+                        self.user(user).await?;
+                    }
                 }
-                Topic::ApiKey => self.api_key(id).await?,
+                Topic::User | Topic::ApiKey => {
+                    let Ok(id) = subject.parse::<Uuid>() else {
+                        continue;
+                    };
+                    if *topic == Topic::User {
+                        self.user(id).await?;
+                    } else {
+                        self.api_key(id).await?;
+                    }
+                }
             }
         }
         let ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
@@ -186,6 +265,7 @@ impl Syncer {
             for (id, ..) in &batch {
                 if let Some(state) = db::limits::user_state(&**client, *id, now).await? {
                     self.write_user(&state).await?;
+                    self.restore_counters(&state).await?;
                 }
             }
             users += batch.len();

@@ -3,11 +3,14 @@
 
 pub mod api_keys;
 pub mod audit;
+pub mod catalog;
 pub mod limits;
 pub mod migrate;
 pub mod outbox;
 pub mod refresh;
 pub mod seed;
+pub mod subscriptions;
+pub mod usage;
 pub mod users;
 
 use std::str::FromStr;

@@ -9,6 +9,8 @@ pub enum Topic {
     User,
     /// One API key.
     ApiKey,
+    /// Every subscriber of a plan (the plan was edited).
+    Plan,
 }
 
 impl Topic {
@@ -16,6 +18,7 @@ impl Topic {
         match self {
             Topic::User => "user",
             Topic::ApiKey => "api_key",
+            Topic::Plan => "plan",
         }
     }
 
@@ -23,6 +26,7 @@ impl Topic {
         match s {
             "user" => Some(Topic::User),
             "api_key" => Some(Topic::ApiKey),
+            "plan" => Some(Topic::Plan),
             _ => None,
         }
     }

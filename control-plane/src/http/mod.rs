@@ -9,6 +9,7 @@ pub mod dto;
 pub mod error;
 pub mod extract;
 mod internal;
+mod metering;
 mod ops;
 
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, patch, post};
+use axum::routing::{delete, get, patch, post, put};
 use deadpool_postgres::Pool;
 use tollgate_common::request_id;
 
@@ -69,6 +70,21 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/api-keys/{id}", delete(api_keys::revoke))
         .route("/v1/admin/users", get(admin::list_users))
         .route("/v1/admin/users/{id}", patch(admin::patch_user))
+        .route("/v1/plans", get(metering::plans))
+        .route("/v1/quota", get(metering::quota))
+        .route("/v1/usage", get(metering::usage))
+        .route(
+            "/v1/admin/users/{id}/quota",
+            get(metering::admin_user_quota),
+        )
+        .route("/v1/admin/users/{id}/grants", post(metering::grant))
+        .route("/v1/admin/users/{id}/reset", post(metering::reset))
+        .route("/v1/admin/apps", post(metering::create_app))
+        .route(
+            "/v1/admin/apps/{app}/quota-types",
+            post(metering::create_quota_type),
+        )
+        .route("/v1/admin/plans/{id}", put(metering::put_plan))
         .route("/internal/users/{id}/sync", post(internal::sync_user))
         // Inside routing, so the matched route template is known.
         .route_layer(middleware::from_fn(label_route))

@@ -282,3 +282,127 @@ pub async fn redis() -> fred::clients::Client {
     client.init().await.expect("redis connects");
     client
 }
+
+/// A sidecar (in process) in front of `upstream`, reading the same Redis prefix as `config`,
+/// with the routes file `routes` (its `upstream` is overridden).
+pub struct Sidecar {
+    pub base: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: std::path::PathBuf,
+}
+
+pub async fn sidecar(
+    config: &Config,
+    control_plane: &str,
+    upstream: &str,
+    routes: &str,
+) -> Sidecar {
+    let dir = std::env::temp_dir().join(format!("tg-cp-sidecar-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("routes.yaml");
+    std::fs::write(&path, routes).expect("routes");
+    let env: BTreeMap<String, String> = [
+        ("TOLLGATE_SIDECAR_ROUTES", path.display().to_string()),
+        ("TOLLGATE_SIDECAR_UPSTREAM", upstream.to_owned()),
+        (
+            "TOLLGATE_SIDECAR_CONTROL_PLANE_URL",
+            control_plane.to_owned(),
+        ),
+        ("REDIS_URL", config.redis_url.expose().to_owned()),
+        ("TOLLGATE_REDIS_PREFIX", config.redis_prefix.clone()),
+        ("TOLLGATE_SIDECAR_REDIS_TIMEOUT", "1s".to_owned()),
+        ("TOLLGATE_LOG_FORMAT", "text".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let sidecar_config = tollgate_sidecar::config::Config::load(None, &env, Default::default())
+        .expect("sidecar config");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        if let Err(e) = tollgate_sidecar::run(sidecar_config, listener, admin, shutdown).await {
+            panic!("sidecar failed: {e}");
+        }
+    });
+    let http = reqwest::Client::new();
+    for _ in 0..100 {
+        if let Ok(r) = http.get(format!("{admin_url}/readyz")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Sidecar {
+        base,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+/// The demo iDoctor app on 127.0.0.1:0.
+pub async fn demo_app() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(tollgate_demo_idoctor::run(listener, std::future::pending()));
+    format!("http://{addr}")
+}
+
+pub const IDOCTOR_ROUTES: &str = include_str!("../../../demo/idoctor/routes.yaml");
+
+/// Makes a registered user an admin and logs in again; returns the admin's access token.
+pub async fn make_admin(db: &TestDb, api: &Api, email: &str, password: &str) -> String {
+    let client = db.client().await;
+    client
+        .execute(
+            "UPDATE users SET role = 'admin' WHERE lower(email) = lower($1)",
+            &[&email],
+        )
+        .await
+        .expect("promote");
+    let login = api
+        .post(
+            "/v1/auth/login",
+            Cred::None,
+            serde_json::json!({"email": email, "password": password}),
+        )
+        .await;
+    assert_eq!(login.status, 200, "{:?}", login.body);
+    login.body["access_token"]
+        .as_str()
+        .expect("token")
+        .to_owned()
+}
+
+/// Deletes every Redis key under a prefix (only the test's own).
+pub async fn delete_prefix(redis: &fred::clients::Client, prefix: &str) {
+    use fred::interfaces::{ClientLike, KeysInterface};
+    use fred::types::scan::Scanner;
+    use futures_util::{StreamExt, TryStreamExt};
+    let pattern = format!("{prefix}:*");
+    let mut scan = if redis.is_clustered() {
+        redis.scan_cluster(pattern, Some(1000), None).boxed()
+    } else {
+        redis.scan(pattern, Some(1000), None).boxed()
+    };
+    let mut found = Vec::new();
+    while let Ok(Some(mut page)) = scan.try_next().await {
+        found.extend(page.take_results().unwrap_or_default());
+    }
+    for key in found {
+        let _: Result<(), _> = redis.del(key).await;
+    }
+}

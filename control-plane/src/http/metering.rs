@@ -1,0 +1,622 @@
+//! Plans, quota and usage (`/v1/plans`, `/v1/quota`, `/v1/usage`) and their administration:
+//! grants, resets, per-user quota views, apps, quota types and plans.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use fred::interfaces::HashesInterface;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tollgate_common::window::{self, Window};
+use uuid::Uuid;
+
+use super::AppState;
+use super::accounts::path_id;
+use super::cursor;
+use super::dto::{Items, Page};
+use super::error::AppError;
+use super::extract::{Json, Query};
+use crate::auth::AuthUser;
+use crate::db::outbox::Topic;
+use crate::db::{self, DbError};
+
+#[derive(Serialize)]
+pub struct Money {
+    amount: i64,
+    currency: String,
+}
+
+#[derive(Serialize)]
+pub struct PlanQuotaDto {
+    app: String,
+    #[serde(rename = "type")]
+    quota_type: String,
+    limit: i64,
+    window: String,
+}
+
+#[derive(Serialize)]
+pub struct PlanDto {
+    id: String,
+    name: String,
+    price: Money,
+    period: String,
+    quotas: Vec<PlanQuotaDto>,
+}
+
+impl From<db::catalog::Plan> for PlanDto {
+    fn from(p: db::catalog::Plan) -> PlanDto {
+        PlanDto {
+            id: p.id,
+            name: p.name,
+            price: Money {
+                amount: p.price_amount,
+                currency: p.currency,
+            },
+            period: p.period,
+            quotas: p
+                .quotas
+                .into_iter()
+                .map(|q| PlanQuotaDto {
+                    app: q.app,
+                    quota_type: q.quota_type,
+                    limit: q.limit,
+                    window: q.window,
+                })
+                .collect(),
+        }
+    }
+}
+
+pub async fn plans(State(state): State<AppState>) -> Result<Json<Items<PlanDto>>, AppError> {
+    let client = state.db.get().await.map_err(DbError::from)?;
+    let plans = db::catalog::plans(&**client, false).await?;
+    Ok(Json(Items {
+        items: plans.into_iter().map(PlanDto::from).collect(),
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct AppQuery {
+    app: Option<String>,
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// The `/v1/quota` view of one user: definitions from PostgreSQL, live counters from Redis.
+async fn quota_view(state: &AppState, user: Uuid, app: Option<&str>) -> Result<Value, AppError> {
+    let app = app
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| AppError::invalid("the app query parameter is required"))?;
+    let client = state.db.get().await.map_err(DbError::from)?;
+    if !db::catalog::app_exists(&**client, app).await? {
+        return Err(AppError::not_found("no such app"));
+    }
+    let now = Utc::now();
+    let types = db::catalog::quota_types_of(&**client, app).await?;
+    let user_state = db::limits::user_state(&**client, user, now)
+        .await?
+        .ok_or_else(|| AppError::not_found("no such user"))?;
+    let plan = db::subscriptions::current(&**client, user).await?;
+    let mut quotas = Vec::with_capacity(types.len());
+    for qt in types {
+        let bounds = window::bounds(qt.window, now, qt.time_zone);
+        let limit = user_state
+            .limits
+            .iter()
+            .find(|l| l.app == qt.app && l.quota_type == qt.key)
+            .map_or(0, |l| l.limit);
+        let (used, start): (Option<i64>, Option<i64>) = state
+            .redis
+            .hmget(state.sync.keys.counter(user, app, &qt.key), vec!["u", "w"])
+            .await
+            .map_err(AppError::unavailable)?;
+        // A counter of an earlier window means nothing is used in this one yet.
+        let used = match (used, start) {
+            (Some(used), Some(start)) if start == bounds.start.timestamp_millis() => used,
+            _ => 0,
+        };
+        quotas.push(json!({
+            "type": qt.key,
+            "name": qt.name,
+            "unit": qt.unit,
+            "window": qt.window.as_str(),
+            "limit": limit,
+            "used": used,
+            "remaining": (limit - used).max(0),
+            "resets_at": bounds.end.map(rfc3339),
+        }));
+    }
+    Ok(json!({
+        "app": app,
+        "plan": plan.map(|p| json!({
+            "id": p.plan_id,
+            "name": p.plan_name,
+            "expires_at": p.period_end.map(rfc3339),
+        })),
+        "quotas": quotas,
+    }))
+}
+
+pub async fn quota(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Query(query): Query<AppQuery>,
+) -> Result<Json<Value>, AppError> {
+    Ok(Json(
+        quota_view(&state, auth.id, query.app.as_deref()).await?,
+    ))
+}
+
+pub async fn admin_user_quota(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+    Query(query): Query<AppQuery>,
+) -> Result<Json<Value>, AppError> {
+    auth.require_admin()?;
+    let id = path_id(&id)?;
+    Ok(Json(quota_view(&state, id, query.app.as_deref()).await?))
+}
+
+#[derive(Deserialize)]
+pub struct UsageParams {
+    app: Option<String>,
+    #[serde(rename = "type")]
+    quota_type: Option<String>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct UsageDto {
+    id: String,
+    app: String,
+    #[serde(rename = "type")]
+    quota_type: String,
+    amount: i64,
+    method: String,
+    path: String,
+    status: Option<i16>,
+    created_at: DateTime<Utc>,
+}
+
+pub async fn usage(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Query(params): Query<UsageParams>,
+) -> Result<Json<Page<UsageDto>>, AppError> {
+    let limit = cursor::limit(params.limit)?;
+    let before = params
+        .cursor
+        .as_deref()
+        .map(cursor::decode::<i64>)
+        .transpose()?;
+    if let (Some(from), Some(to)) = (params.from, params.to) {
+        if from > to {
+            return Err(AppError::invalid("from must not be after to"));
+        }
+    }
+    let client = state.db.get().await.map_err(DbError::from)?;
+    let mut rows = db::usage::page(
+        &**client,
+        &db::usage::UsageQuery {
+            user: auth.id,
+            app: params.app.as_deref(),
+            quota_type: params.quota_type.as_deref(),
+            from: params.from,
+            to: params.to,
+            before,
+            limit: limit + 1,
+        },
+    )
+    .await?;
+    let next_cursor = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| cursor::encode(r.created_at, r.id))
+    } else {
+        None
+    };
+    Ok(Json(Page {
+        items: rows
+            .into_iter()
+            .map(|r| UsageDto {
+                id: r.id.to_string(),
+                app: r.app,
+                quota_type: r.quota_type,
+                amount: r.amount,
+                method: r.method,
+                path: r.path,
+                status: r.status,
+                created_at: r.created_at,
+            })
+            .collect(),
+        next_cursor,
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct GrantBody {
+    app: String,
+    #[serde(rename = "type")]
+    quota_type: String,
+    amount: i64,
+    reason: String,
+}
+
+/// Finds a user and one quota type of an app, or answers 404.
+async fn user_and_type(
+    client: &impl tokio_postgres::GenericClient,
+    user: Uuid,
+    app: &str,
+    quota_type: &str,
+) -> Result<db::catalog::QuotaType, AppError> {
+    if db::users::get(client, user).await?.is_none() {
+        return Err(AppError::not_found("no such user"));
+    }
+    db::catalog::quota_type(client, app, quota_type)
+        .await?
+        .ok_or_else(|| AppError::not_found("no such quota type for this app"))
+}
+
+pub async fn grant(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+    Json(body): Json<GrantBody>,
+) -> Result<Response, AppError> {
+    auth.require_admin()?;
+    let user = path_id(&id)?;
+    if !(1..=1_000_000_000_000_000).contains(&body.amount) {
+        return Err(AppError::invalid("amount must be a positive integer"));
+    }
+    let reason = body.reason.trim();
+    if reason.is_empty() || reason.chars().count() > 500 {
+        return Err(AppError::invalid("reason must be 1 to 500 characters"));
+    }
+    let mut client = state.db.get().await.map_err(DbError::from)?;
+    let qt = user_and_type(&**client, user, &body.app, &body.quota_type).await?;
+    let bounds = window::bounds(qt.window, Utc::now(), qt.time_zone);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(DbError::op("begin grant"))?;
+    let (grant_id, created_at) = db::catalog::add_grant(
+        &*tx,
+        user,
+        qt.id,
+        body.amount,
+        bounds.start,
+        reason,
+        auth.id,
+    )
+    .await?;
+    db::outbox::enqueue(&*tx, Topic::User, &user.to_string()).await?;
+    db::audit::record(
+        &*tx,
+        auth.id,
+        "quota.grant",
+        "user",
+        &user.to_string(),
+        &json!({"app": body.app, "type": body.quota_type, "amount": body.amount, "reason": reason}),
+    )
+    .await?;
+    tx.commit().await.map_err(DbError::op("commit grant"))?;
+    if let Err(e) = state.sync.user(user).await {
+        tracing::warn!(error = %e, "grant not yet in redis; the outbox will retry");
+    }
+    state.sync.kick();
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": grant_id,
+            "app": body.app,
+            "type": body.quota_type,
+            "amount": body.amount,
+            "reason": reason,
+            "window_start": rfc3339(bounds.start),
+            "window_end": bounds.end.map(rfc3339),
+            "created_at": created_at,
+        })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+pub struct ResetBody {
+    app: String,
+    #[serde(rename = "type")]
+    quota_type: String,
+}
+
+pub async fn reset(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+    Json(body): Json<ResetBody>,
+) -> Result<StatusCode, AppError> {
+    auth.require_admin()?;
+    let user = path_id(&id)?;
+    let mut client = state.db.get().await.map_err(DbError::from)?;
+    let qt = user_and_type(&**client, user, &body.app, &body.quota_type).await?;
+    let bounds = window::bounds(qt.window, Utc::now(), qt.time_zone);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(DbError::op("begin reset"))?;
+    db::catalog::add_reset(&*tx, user, qt.id, bounds.start, auth.id).await?;
+    db::audit::record(
+        &*tx,
+        auth.id,
+        "quota.reset",
+        "user",
+        &user.to_string(),
+        &json!({"app": body.app, "type": body.quota_type, "window_start": rfc3339(bounds.start)}),
+    )
+    .await?;
+    tx.commit().await.map_err(DbError::op("commit reset"))?;
+    let limit = db::limits::Limit {
+        app: qt.app,
+        quota_type: qt.key,
+        window: qt.window,
+        limit: 0,
+        window_start: bounds.start,
+        window_end: bounds.end,
+    };
+    state
+        .sync
+        .reset_counter(user, &limit)
+        .await
+        .map_err(AppError::unavailable)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn is_slug(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn check_name(name: &str) -> Result<(), AppError> {
+    if name.trim().is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        return Err(AppError::invalid("name must be 1 to 200 characters"));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+pub struct AppBody {
+    id: String,
+    name: String,
+    time_zone: Option<String>,
+}
+
+pub async fn create_app(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Json(body): Json<AppBody>,
+) -> Result<Response, AppError> {
+    auth.require_admin()?;
+    if !is_slug(&body.id, 63) {
+        return Err(AppError::invalid(
+            "id must be 1-63 lowercase letters, digits, '_' or '-'",
+        ));
+    }
+    check_name(&body.name)?;
+    let time_zone = body.time_zone.unwrap_or_else(|| "UTC".to_owned());
+    if time_zone.parse::<chrono_tz::Tz>().is_err() {
+        return Err(AppError::invalid(
+            "time_zone must be an IANA time zone such as Asia/Shanghai",
+        ));
+    }
+    let client = state.db.get().await.map_err(DbError::from)?;
+    let created_at =
+        match db::catalog::create_app(&**client, &body.id, body.name.trim(), &time_zone).await {
+            Ok(t) => t,
+            Err(e) if e.unique_violation() == Some("apps_pkey") => {
+                return Err(AppError::conflict(
+                    "app_exists",
+                    "an app with this id exists",
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+    db::audit::record(
+        &**client,
+        auth.id,
+        "app.create",
+        "app",
+        &body.id,
+        &json!({"name": body.name}),
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": body.id, "name": body.name.trim(), "time_zone": time_zone, "created_at": created_at})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+pub struct QuotaTypeBody {
+    key: String,
+    name: String,
+    unit: String,
+    window: String,
+}
+
+pub async fn create_quota_type(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Path(app): Path<String>,
+    Json(body): Json<QuotaTypeBody>,
+) -> Result<Response, AppError> {
+    auth.require_admin()?;
+    if !is_slug(&body.key, 63) || body.key.contains('-') {
+        return Err(AppError::invalid(
+            "key must be 1-63 lowercase letters, digits or '_'",
+        ));
+    }
+    check_name(&body.name)?;
+    if !matches!(body.unit.as_str(), "calls" | "bytes" | "items" | "tokens") {
+        return Err(AppError::invalid(
+            "unit must be calls, bytes, items or tokens",
+        ));
+    }
+    if Window::parse(&body.window).is_none() {
+        return Err(AppError::invalid(
+            "window must be minute, hour, day, month, year or lifetime",
+        ));
+    }
+    let client = state.db.get().await.map_err(DbError::from)?;
+    if !db::catalog::app_exists(&**client, &app).await? {
+        return Err(AppError::not_found("no such app"));
+    }
+    match db::catalog::create_quota_type(
+        &**client,
+        &app,
+        &body.key,
+        body.name.trim(),
+        &body.unit,
+        &body.window,
+    )
+    .await
+    {
+        Ok(_) => {}
+        Err(e) if e.unique_violation() == Some("quota_types_app_id_key_key") => {
+            return Err(AppError::conflict(
+                "quota_type_exists",
+                "this app already has a quota type with this key",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    db::audit::record(
+        &**client,
+        auth.id,
+        "quota_type.create",
+        "app",
+        &app,
+        &json!({"key": body.key}),
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"app": app, "key": body.key, "name": body.name.trim(), "unit": body.unit, "window": body.window})),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+pub struct PlanQuotaBody {
+    app: String,
+    #[serde(rename = "type")]
+    quota_type: String,
+    limit: i64,
+}
+
+#[derive(Deserialize)]
+pub struct MoneyBody {
+    amount: i64,
+    currency: String,
+}
+
+#[derive(Deserialize)]
+pub struct PlanBody {
+    name: String,
+    price: MoneyBody,
+    period: String,
+    #[serde(default = "yes")]
+    public: bool,
+    quotas: Vec<PlanQuotaBody>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub async fn put_plan(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+    Json(body): Json<PlanBody>,
+) -> Result<Json<PlanDto>, AppError> {
+    auth.require_admin()?;
+    if !is_slug(&id, 63) {
+        return Err(AppError::invalid(
+            "plan id must be 1-63 lowercase letters, digits, '_' or '-'",
+        ));
+    }
+    check_name(&body.name)?;
+    if body.price.amount < 0 {
+        return Err(AppError::invalid("price.amount must not be negative"));
+    }
+    if body.price.currency.len() != 3
+        || !body.price.currency.bytes().all(|b| b.is_ascii_uppercase())
+    {
+        return Err(AppError::invalid(
+            "price.currency must be an ISO 4217 code such as CNY",
+        ));
+    }
+    if !matches!(body.period.as_str(), "month" | "year") {
+        return Err(AppError::invalid("period must be month or year"));
+    }
+    if id == "free" && body.price.amount != 0 {
+        return Err(AppError::invalid("the free plan must cost 0"));
+    }
+    let mut client = state.db.get().await.map_err(DbError::from)?;
+    let mut quotas = Vec::with_capacity(body.quotas.len());
+    for q in &body.quotas {
+        if q.limit < 0 {
+            return Err(AppError::invalid("a quota limit must not be negative"));
+        }
+        let qt = db::catalog::quota_type(&**client, &q.app, &q.quota_type)
+            .await?
+            .ok_or_else(|| {
+                AppError::invalid(format!("unknown quota type {}/{}", q.app, q.quota_type))
+            })?;
+        if quotas.iter().any(|(existing, _)| *existing == qt.id) {
+            return Err(AppError::invalid("a quota type is listed twice"));
+        }
+        quotas.push((qt.id, q.limit));
+    }
+    let plan = db::catalog::Plan {
+        id: id.clone(),
+        name: body.name.trim().to_owned(),
+        price_amount: body.price.amount,
+        currency: body.price.currency,
+        period: body.period,
+        public: body.public,
+        quotas: Vec::new(),
+    };
+    let tx = client
+        .transaction()
+        .await
+        .map_err(DbError::op("begin plan edit"))?;
+    db::catalog::upsert_plan(&tx, &plan, &quotas).await?;
+    db::outbox::enqueue(&*tx, Topic::Plan, &id).await?;
+    db::audit::record(
+        &*tx,
+        auth.id,
+        "plan.put",
+        "plan",
+        &id,
+        &json!({"name": plan.name, "price": plan.price_amount}),
+    )
+    .await?;
+    tx.commit().await.map_err(DbError::op("commit plan edit"))?;
+    state.sync.kick();
+    let saved = db::catalog::plan(&**client, &id)
+        .await?
+        .ok_or_else(|| AppError::internal("plan vanished after saving"))?;
+    Ok(Json(saved.into()))
+}
