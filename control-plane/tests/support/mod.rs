@@ -277,10 +277,24 @@ impl Api {
 
 /// A Redis connection for assertions, on the test's own prefix only.
 pub async fn redis() -> fred::clients::Client {
+    redis_at(&redis_url()).await
+}
+
+pub async fn redis_at(url: &str) -> fred::clients::Client {
     use fred::interfaces::ClientLike;
-    let client = tollgate_control_plane::redis::client(&redis_url()).expect("redis config");
-    client.init().await.expect("redis connects");
-    client
+    let client = tollgate_control_plane::redis::client(url).expect("redis config");
+    let mut tries = 0;
+    loop {
+        match client.init().await {
+            Ok(_) => return client,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("redis at {url}: {e}"),
+        }
+    }
 }
 
 /// A sidecar (in process) in front of `upstream`, reading the same Redis prefix as `config`,
