@@ -186,6 +186,10 @@ impl Authenticator {
                         if !ALLOWED.contains(&alg) {
                             continue;
                         }
+                        // Another issuer can never take over one of our key ids.
+                        if !own && map.get(kid).is_some_and(|e| e.own) {
+                            continue;
+                        }
                         if let Ok(key) = DecodingKey::from_jwk(jwk) {
                             map.insert(kid.clone(), Arc::new(JwkEntry { key, alg, own }));
                         }
@@ -201,8 +205,13 @@ impl Authenticator {
             }
         }
         if !map.is_empty() {
+            // A key that was withdrawn (say, compromised) takes every token it verified with it.
+            let withdrawn = self.jwks.load().keys().any(|kid| !map.contains_key(kid));
             self.jwks.store(Arc::new(map));
             self.jwks_loaded.store(true, Ordering::Relaxed);
+            if withdrawn {
+                self.tokens.clear();
+            }
         }
         if errors.is_empty() {
             Ok(())

@@ -31,7 +31,7 @@ pub const ENV_SHUTDOWN_GRACE: &str = "TOLLGATE_SHUTDOWN_GRACE";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FailMode {
-    /// Refuse metered requests with `503 quota_backend_unavailable` (the default).
+    /// Refuse every authenticated request with `503 quota_backend_unavailable` (the default).
     Closed,
     /// Forward them uncounted, and log and count each one.
     Open,
@@ -210,7 +210,15 @@ impl Config {
             );
         }
         if let Some(upstream) = &layer.upstream {
-            check_http_url(problems, "upstream", upstream);
+            // The app listens next to the sidecar, on plain HTTP; there is no TLS client here.
+            if !upstream.starts_with("http://") || upstream.parse::<http::Uri>().is_err() {
+                problems.push(
+                    "upstream",
+                    format_args!(
+                        "{upstream:?} must be an http:// URL (the app beside the sidecar)"
+                    ),
+                );
+            }
         }
         let routes = layer.routes.unwrap_or_else(|| {
             problems.push(

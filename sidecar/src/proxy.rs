@@ -48,6 +48,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Why a request was not (fully) served.
 #[derive(Debug)]
 pub enum Refusal {
+    /// The request path is not in normal form (see `routes::is_normal_path`).
+    BadPath,
     Unauthorized,
     AccountDisabled,
     RateLimited {
@@ -67,6 +69,7 @@ pub enum Refusal {
 impl Refusal {
     fn decision(&self) -> &'static str {
         match self {
+            Refusal::BadPath => "invalid_request",
             Refusal::Unauthorized => "unauthorized",
             Refusal::AccountDisabled => "forbidden",
             Refusal::RateLimited { .. } => "rate_limited",
@@ -160,6 +163,9 @@ async fn pipeline(
     mut request: Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, Refusal> {
+    if !crate::routes::is_normal_path(&ctx.path) {
+        return Err(Refusal::BadPath);
+    }
     let decided = Instant::now();
     if !ctx.route.public {
         authenticate(shared, ctx, &mut request).await?;
@@ -467,10 +473,16 @@ async fn settle(
                     actual,
                 })
                 .collect();
+            // Settling is keyed by an id the sidecar made, never by one a client chose.
+            let settle_id = ctx
+                .charges
+                .first()
+                .map(|(id, _)| id.to_string())
+                .unwrap_or_default();
             let input = SettleInput {
                 refund,
                 user: identity.user,
-                request_id: &ctx.request_id,
+                request_id: &settle_id,
                 app: &ctx.app,
                 method: &ctx.method,
                 path: &ctx.path,
@@ -589,6 +601,13 @@ fn rate_limit_headers(headers: &mut HeaderMap, rates: &[(RateLimit, i64, i64)]) 
 /// The one mapping from a refusal to its answer.
 pub fn fail_to_proxy(ctx: &Ctx, refusal: &Refusal) -> Response<Body> {
     let (status, body) = match refusal {
+        Refusal::BadPath => (
+            StatusCode::BAD_REQUEST,
+            ErrorBody::new(
+                "invalid_request",
+                "the path has empty, '.' or '..' segments or percent-encodes a plain character; send it in its normal form",
+            ),
+        ),
         Refusal::Unauthorized => (
             StatusCode::UNAUTHORIZED,
             ErrorBody::new("unauthorized", "missing or invalid credentials"),

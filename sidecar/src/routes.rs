@@ -272,14 +272,28 @@ impl Routes {
             };
             let method = match r.method.to_ascii_uppercase().as_str() {
                 "*" | "ANY" => None,
-                m => match Method::from_bytes(m.as_bytes()) {
-                    Ok(method) => Some(method),
-                    Err(_) => {
-                        problems.push(format!("{at}: method {:?} is not an HTTP method", r.method));
-                        None
-                    }
-                },
+                m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => {
+                    Method::from_bytes(m.as_bytes()).ok()
+                }
+                "HEAD" => {
+                    problems.push(format!(
+                        "{at}: HEAD is matched by the GET route of the path; list GET"
+                    ));
+                    None
+                }
+                _ => {
+                    problems.push(format!(
+                        "{at}: method {:?} must be GET, POST, PUT, PATCH, DELETE, OPTIONS or *",
+                        r.method
+                    ));
+                    None
+                }
             };
+            if r.public && r.rate_limits.is_some() {
+                problems.push(format!(
+                    "{at}: rate limits are per user, and a public route has no user; remove one"
+                ));
+            }
             let segments = compile_path(&r.path).unwrap_or_else(|e| {
                 problems.push(format!("{at}: {e}"));
                 Vec::new()
@@ -356,13 +370,61 @@ impl Routes {
         })
     }
 
-    /// The first route that matches, in file order; the fallback if none does.
+    /// The first route that matches, in file order; the fallback if none does. `HEAD` is matched
+    /// as `GET` (an app answers it with the same handler), and one trailing `/` is ignored.
     pub fn find(&self, method: &Method, path: &str) -> &Route {
+        let method = if method == Method::HEAD {
+            &Method::GET
+        } else {
+            method
+        };
+        let path = match path.strip_suffix('/') {
+            Some(trimmed) if !trimmed.is_empty() => trimmed,
+            _ => path,
+        };
         self.routes
             .iter()
             .find(|r| r.matches(method, path))
             .unwrap_or(&self.fallback)
     }
+}
+
+/// True when a request path is in the one spelling routes are matched against: no empty, `.` or
+/// `..` segments and no percent-encoded unreserved character (`%70rocess` is `process` to most
+/// apps). Anything else is refused, so no spelling of a metered path goes through uncounted.
+pub fn is_normal_path(path: &str) -> bool {
+    if !path.starts_with('/') {
+        return false;
+    }
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    for (i, segment) in segments.iter().enumerate() {
+        let last = i + 1 == segments.len();
+        if (segment.is_empty() && !last) || *segment == "." || *segment == ".." {
+            return false;
+        }
+    }
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let decoded = path
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match decoded {
+                Some(b)
+                    if b.is_ascii_alphanumeric()
+                        || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') =>
+                {
+                    return false;
+                }
+                Some(_) => i += 3,
+                None => return false,
+            }
+        } else {
+            i += 1;
+        }
+    }
+    true
 }
 
 impl Route {
@@ -433,6 +495,34 @@ mod tests {
     }
 
     #[test]
+    fn only_the_normal_spelling_of_a_path_passes() {
+        let check = |path: &str, normal: bool| assert_eq!(is_normal_path(path), normal, "{path}");
+        check("/process/p1/2026-11-25", true);
+        check("/", true);
+        check("/upload/", true);
+        check("/files/a%20b", true);
+        check("/files/%E4%BD%A0", true);
+        check("//process/p1/d", false);
+        check("/process//p1", false);
+        check("/process/./p1", false);
+        check("/process/../upload", false);
+        check("/%70rocess/p1/d", false);
+        check("/process%2Fp1/d", false);
+        check("/process/p1%2", false);
+        check("relative", false);
+    }
+
+    #[test]
+    fn head_matches_get_and_a_trailing_slash_is_ignored() {
+        let routes = Routes::parse("r.yaml", IDOCTOR).expect("valid");
+        assert_eq!(&*routes.find(&Method::HEAD, "/health").label, "GET /health");
+        assert_eq!(
+            &*routes.find(&Method::POST, "/process/p1/2026-01-01/").label,
+            "POST /process/{patient}/{date}"
+        );
+    }
+
+    #[test]
     fn wildcards_and_params() {
         let routes = Routes::parse(
             "r.yaml",
@@ -452,7 +542,7 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_with_its_line() {
-        let text = "app: idoctor\nroutes:\n  - method: GET\n    path: /ok\n  - method: BAD METHOD\n    path: no-slash\n  - method: POST\n    path: /x/{a}/*/y\n    quota: calls\n    cost: lots\n  - method: GET\n    path: /public\n    public: true\n    quota: calls\n";
+        let text = "app: idoctor\nroutes:\n  - method: GET\n    path: /ok\n  - method: GTE\n    path: no-slash\n  - method: POST\n    path: /x/{a}/*/y\n    quota: calls\n    cost: lots\n  - method: GET\n    path: /public\n    public: true\n    quota: calls\n";
         let err = Routes::parse("r.yaml", text).expect_err("invalid");
         let lines = err.0;
         assert_eq!(lines.len(), 5, "{lines:?}");

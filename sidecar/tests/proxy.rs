@@ -609,3 +609,63 @@ async fn admin_listener_serves_ops_and_the_proxy_does_not() {
     );
     cp.cleanup().await;
 }
+
+#[tokio::test]
+async fn no_spelling_of_a_metered_path_goes_through_uncounted() {
+    let cp = ControlPlane::start(&support::redis_url()).await;
+    let (upstream, calls) = echo_upstream().await;
+    let sc = start_sidecar(&cp, &support::redis_url(), &upstream, ROUTES, &[]).await;
+    let user = cp.user(&[("api_calls_l3_detect", 100, Month)]).await;
+    let token = cp.token(user);
+    // (Dot segments are covered by the unit tests: HTTP clients remove them before sending.)
+    for path in ["//l3/p1", "/%6C3/p1", "/l3%2Fp1", "/l3//p1"] {
+        let reply = send(
+            http()
+                .post(format!("{}{path}", sc.base))
+                .bearer_auth(&token),
+        )
+        .await;
+        assert_eq!(reply.status, 400, "{path}");
+        assert_eq!(reply.body["error"]["code"], "invalid_request", "{path}");
+    }
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "none reached the app"
+    );
+    // A trailing slash is the same route, and is counted.
+    let reply = send(
+        http()
+            .post(format!("{}/status/200/", sc.base))
+            .bearer_auth(&token),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(cp.used(user, "api_calls_l3_detect").await, 1);
+    cp.cleanup().await;
+}
+
+#[tokio::test]
+async fn refunds_do_not_depend_on_the_clients_request_id() {
+    let cp = ControlPlane::start(&support::redis_url()).await;
+    let (upstream, _) = echo_upstream().await;
+    let sc = start_sidecar(&cp, &support::redis_url(), &upstream, ROUTES, &[]).await;
+    let user = cp.user(&[("api_calls_l3_detect", 100, Month)]).await;
+    let token = cp.token(user);
+    for _ in 0..3 {
+        let reply = send(
+            http()
+                .post(format!("{}/status/503", sc.base))
+                .bearer_auth(&token)
+                .header("x-request-id", "same-id-every-time"),
+        )
+        .await;
+        assert_eq!(reply.status, 503);
+    }
+    assert_eq!(
+        cp.used(user, "api_calls_l3_detect").await,
+        0,
+        "every failure refunded"
+    );
+    cp.cleanup().await;
+}

@@ -26,7 +26,19 @@ fn main() -> ExitCode {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         tracing::info!(%addr, "idoctor demo listening");
         tollgate_demo_idoctor::run(listener, async {
-            let _ = tokio::signal::ctrl_c().await;
+            // As a container's first process it must stop on SIGTERM itself.
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                () = term => {},
+            }
         })
         .await
     });
