@@ -31,6 +31,20 @@ pub const ENV_LOGIN_MAX_FAILURES_CLIENT: &str = "TOLLGATE_LOGIN_MAX_FAILURES_CLI
 pub const ENV_LOGIN_LOCKOUT: &str = "TOLLGATE_LOGIN_LOCKOUT";
 pub const ENV_HASH_CONCURRENCY: &str = "TOLLGATE_HASH_CONCURRENCY";
 pub const ENV_TRUST_FORWARDED_FOR: &str = "TOLLGATE_TRUST_FORWARDED_FOR";
+pub const ENV_ALIPAY_GATEWAY_URL: &str = "TOLLGATE_ALIPAY_GATEWAY_URL";
+pub const ENV_ALIPAY_APP_ID: &str = "TOLLGATE_ALIPAY_APP_ID";
+pub const ENV_ALIPAY_SELLER_ID: &str = "TOLLGATE_ALIPAY_SELLER_ID";
+pub const ENV_ALIPAY_APP_PRIVATE_KEY_FILE: &str = "TOLLGATE_ALIPAY_APP_PRIVATE_KEY_FILE";
+pub const ENV_ALIPAY_PUBLIC_KEY_FILE: &str = "TOLLGATE_ALIPAY_PUBLIC_KEY_FILE";
+pub const ENV_WECHAT_API_BASE: &str = "TOLLGATE_WECHAT_API_BASE";
+pub const ENV_WECHAT_MCHID: &str = "TOLLGATE_WECHAT_MCHID";
+pub const ENV_WECHAT_APPID: &str = "TOLLGATE_WECHAT_APPID";
+pub const ENV_WECHAT_MERCHANT_SERIAL: &str = "TOLLGATE_WECHAT_MERCHANT_SERIAL";
+pub const ENV_WECHAT_MERCHANT_PRIVATE_KEY_FILE: &str = "TOLLGATE_WECHAT_MERCHANT_PRIVATE_KEY_FILE";
+pub const ENV_WECHAT_PLATFORM_SERIAL: &str = "TOLLGATE_WECHAT_PLATFORM_SERIAL";
+pub const ENV_WECHAT_PLATFORM_PUBLIC_KEY_FILE: &str = "TOLLGATE_WECHAT_PLATFORM_PUBLIC_KEY_FILE";
+pub const ENV_WECHAT_APIV3_KEY: &str = "TOLLGATE_WECHAT_APIV3_KEY";
+pub const ENV_ORDER_TTL: &str = "TOLLGATE_ORDER_TTL";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -59,6 +73,33 @@ pub struct Config {
     /// Take the client address for login throttling from the last `X-Forwarded-For` hop (set
     /// this only behind a proxy that writes it).
     pub trust_forwarded_for: bool,
+    /// Alipay, if configured (all of its settings or none).
+    pub alipay: Option<AlipaySettings>,
+    /// WeChat Pay, if configured (all of its settings or none).
+    pub wechat: Option<WechatSettings>,
+    /// How long a pending order may be paid.
+    pub order_ttl: Millis,
+}
+
+#[derive(Debug, Clone)]
+pub struct AlipaySettings {
+    pub gateway_url: String,
+    pub app_id: String,
+    pub seller_id: String,
+    pub app_private_key_file: PathBuf,
+    pub public_key_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct WechatSettings {
+    pub api_base: String,
+    pub mchid: String,
+    pub appid: String,
+    pub merchant_serial: String,
+    pub merchant_private_key_file: PathBuf,
+    pub platform_serial: String,
+    pub platform_public_key_file: PathBuf,
+    pub apiv3_key: Secret,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +155,20 @@ pub struct Layer {
     pub login_lockout: Option<Millis>,
     pub hash_concurrency: Option<usize>,
     pub trust_forwarded_for: Option<bool>,
+    pub alipay_gateway_url: Option<String>,
+    pub alipay_app_id: Option<String>,
+    pub alipay_seller_id: Option<String>,
+    pub alipay_app_private_key_file: Option<PathBuf>,
+    pub alipay_public_key_file: Option<PathBuf>,
+    pub wechat_api_base: Option<String>,
+    pub wechat_mchid: Option<String>,
+    pub wechat_appid: Option<String>,
+    pub wechat_merchant_serial: Option<String>,
+    pub wechat_merchant_private_key_file: Option<PathBuf>,
+    pub wechat_platform_serial: Option<String>,
+    pub wechat_platform_public_key_file: Option<PathBuf>,
+    pub wechat_apiv3_key: Option<Secret>,
+    pub order_ttl: Option<Millis>,
 }
 
 impl Layer {
@@ -143,6 +198,26 @@ impl Layer {
             login_lockout: problems.env(env, ENV_LOGIN_LOCKOUT),
             hash_concurrency: problems.env(env, ENV_HASH_CONCURRENCY),
             trust_forwarded_for: problems.env(env, ENV_TRUST_FORWARDED_FOR),
+            alipay_gateway_url: env.var(ENV_ALIPAY_GATEWAY_URL),
+            alipay_app_id: env.var(ENV_ALIPAY_APP_ID),
+            alipay_seller_id: env.var(ENV_ALIPAY_SELLER_ID),
+            alipay_app_private_key_file: env
+                .var(ENV_ALIPAY_APP_PRIVATE_KEY_FILE)
+                .map(PathBuf::from),
+            alipay_public_key_file: env.var(ENV_ALIPAY_PUBLIC_KEY_FILE).map(PathBuf::from),
+            wechat_api_base: env.var(ENV_WECHAT_API_BASE),
+            wechat_mchid: env.var(ENV_WECHAT_MCHID),
+            wechat_appid: env.var(ENV_WECHAT_APPID),
+            wechat_merchant_serial: env.var(ENV_WECHAT_MERCHANT_SERIAL),
+            wechat_merchant_private_key_file: env
+                .var(ENV_WECHAT_MERCHANT_PRIVATE_KEY_FILE)
+                .map(PathBuf::from),
+            wechat_platform_serial: env.var(ENV_WECHAT_PLATFORM_SERIAL),
+            wechat_platform_public_key_file: env
+                .var(ENV_WECHAT_PLATFORM_PUBLIC_KEY_FILE)
+                .map(PathBuf::from),
+            wechat_apiv3_key: env.var(ENV_WECHAT_APIV3_KEY).map(Secret::new),
+            order_ttl: problems.env(env, ENV_ORDER_TTL),
         }
     }
 
@@ -177,6 +252,26 @@ impl Layer {
             login_lockout: other.login_lockout.or(self.login_lockout),
             hash_concurrency: other.hash_concurrency.or(self.hash_concurrency),
             trust_forwarded_for: other.trust_forwarded_for.or(self.trust_forwarded_for),
+            alipay_gateway_url: other.alipay_gateway_url.or(self.alipay_gateway_url),
+            alipay_app_id: other.alipay_app_id.or(self.alipay_app_id),
+            alipay_seller_id: other.alipay_seller_id.or(self.alipay_seller_id),
+            alipay_app_private_key_file: other
+                .alipay_app_private_key_file
+                .or(self.alipay_app_private_key_file),
+            alipay_public_key_file: other.alipay_public_key_file.or(self.alipay_public_key_file),
+            wechat_api_base: other.wechat_api_base.or(self.wechat_api_base),
+            wechat_mchid: other.wechat_mchid.or(self.wechat_mchid),
+            wechat_appid: other.wechat_appid.or(self.wechat_appid),
+            wechat_merchant_serial: other.wechat_merchant_serial.or(self.wechat_merchant_serial),
+            wechat_merchant_private_key_file: other
+                .wechat_merchant_private_key_file
+                .or(self.wechat_merchant_private_key_file),
+            wechat_platform_serial: other.wechat_platform_serial.or(self.wechat_platform_serial),
+            wechat_platform_public_key_file: other
+                .wechat_platform_public_key_file
+                .or(self.wechat_platform_public_key_file),
+            wechat_apiv3_key: other.wechat_apiv3_key.or(self.wechat_apiv3_key),
+            order_ttl: other.order_ttl.or(self.order_ttl),
         }
     }
 }
@@ -318,7 +413,85 @@ impl Config {
             access_ttl,
             refresh_ttl,
         };
+        let alipay = match (
+            layer.alipay_app_id,
+            layer.alipay_seller_id,
+            layer.alipay_app_private_key_file,
+            layer.alipay_public_key_file,
+        ) {
+            (None, None, None, None) => None,
+            (Some(app_id), Some(seller_id), Some(app_private_key_file), Some(public_key_file)) => {
+                Some(AlipaySettings {
+                    gateway_url: layer
+                        .alipay_gateway_url
+                        .unwrap_or_else(|| "https://openapi.alipay.com/gateway.do".to_owned()),
+                    app_id,
+                    seller_id,
+                    app_private_key_file,
+                    public_key_file,
+                })
+            }
+            _ => {
+                problems.push(
+                    "alipay",
+                    "set all of TOLLGATE_ALIPAY_APP_ID, _SELLER_ID, _APP_PRIVATE_KEY_FILE and _PUBLIC_KEY_FILE, or none",
+                );
+                None
+            }
+        };
+        let wechat = match (
+            layer.wechat_mchid,
+            layer.wechat_appid,
+            layer.wechat_merchant_serial,
+            layer.wechat_merchant_private_key_file,
+            layer.wechat_platform_serial,
+            layer.wechat_platform_public_key_file,
+            layer.wechat_apiv3_key,
+        ) {
+            (None, None, None, None, None, None, None) => None,
+            (
+                Some(mchid),
+                Some(appid),
+                Some(merchant_serial),
+                Some(merchant_private_key_file),
+                Some(platform_serial),
+                Some(platform_public_key_file),
+                Some(apiv3_key),
+            ) => {
+                if apiv3_key.expose().len() != 32 {
+                    problems.push("wechat_apiv3_key", "must be exactly 32 characters");
+                }
+                Some(WechatSettings {
+                    api_base: layer
+                        .wechat_api_base
+                        .unwrap_or_else(|| "https://api.mch.weixin.qq.com".to_owned())
+                        .trim_end_matches('/')
+                        .to_owned(),
+                    mchid,
+                    appid,
+                    merchant_serial,
+                    merchant_private_key_file,
+                    platform_serial,
+                    platform_public_key_file,
+                    apiv3_key,
+                })
+            }
+            _ => {
+                problems.push(
+                    "wechat",
+                    "set all of TOLLGATE_WECHAT_MCHID, _APPID, _MERCHANT_SERIAL, _MERCHANT_PRIVATE_KEY_FILE, _PLATFORM_SERIAL, _PLATFORM_PUBLIC_KEY_FILE and _APIV3_KEY, or none",
+                );
+                None
+            }
+        };
+        let order_ttl = layer.order_ttl.unwrap_or(Millis(30 * 60_000));
+        if order_ttl.0 < 60_000 {
+            problems.push("order_ttl", "must be at least 1m");
+        }
         Config {
+            alipay,
+            wechat,
+            order_ttl,
             jwt,
             login,
             hash_concurrency,

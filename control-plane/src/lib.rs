@@ -9,6 +9,7 @@ pub mod http;
 pub mod jobs;
 pub mod ledger;
 pub mod metrics;
+pub mod payments;
 pub mod redis;
 pub mod sync;
 
@@ -34,6 +35,8 @@ pub enum RunError {
     Keys(#[from] auth::signing::KeyError),
     #[error(transparent)]
     Password(#[from] domain::password::PasswordError),
+    #[error(transparent)]
+    Payments(#[from] payments::PayError),
 }
 
 /// Serves the REST API on `listener` until `shutdown` completes, then lets in-flight requests
@@ -74,6 +77,12 @@ pub async fn run(
             std::time::Duration::from_secs(5),
         )),
     ];
+    let payments = payments::service::Payments::load(&config, sync.clone(), metrics.clone())?;
+    let reconciler = tokio::spawn(
+        payments
+            .clone()
+            .run_reconciler(std::time::Duration::from_secs(30)),
+    );
     let state = AppState {
         hasher: auth::Hasher::new(config.hash_concurrency)?,
         throttle: auth::throttle::Throttle::new(keys, config.login.clone()),
@@ -83,6 +92,7 @@ pub async fn run(
         metrics,
         tokens,
         sync,
+        payments,
     };
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(addr = %listener.local_addr()?, "control plane listening");
@@ -103,6 +113,7 @@ pub async fn run(
     for worker in workers {
         worker.abort();
     }
+    reconciler.abort();
     let _ = redis.quit().await;
     Ok(())
 }

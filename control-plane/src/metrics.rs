@@ -18,6 +18,12 @@ pub struct Metrics {
     pub usage_backlog: IntGauge,
     /// Age of the oldest event in the last drained batch.
     pub usage_lag: Gauge,
+    /// Gateway notifications by channel and result (processed, duplicate, rejected).
+    pub payment_notifications: IntCounterVec,
+    /// Order state changes by the status entered.
+    pub orders: IntCounterVec,
+    /// Orders that reconciliation found paid although no notification arrived.
+    pub reconcile_paid_found: IntCounterVec,
 }
 
 impl Metrics {
@@ -60,8 +66,39 @@ impl Metrics {
             "Age of the oldest usage event in the last batch drained into the ledger.",
         )
         .expect("valid metric");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let payment_notifications = counter(
+            "tollgate_cp_payment_notifications_total",
+            "Gateway notifications by channel and result (processed, duplicate, rejected).",
+            &["channel", "result"],
+        );
+        let orders = counter(
+            "tollgate_cp_orders_total",
+            "Order state changes, by the status entered (pending, paid, closed, refunded).",
+            &["status"],
+        );
+        let reconcile_paid_found = counter(
+            "tollgate_cp_reconcile_paid_found_total",
+            "Orders reconciliation found paid at the gateway although no notification arrived.",
+            &["channel"],
+        );
+        // Known label values are created up front so dashboards and alerts see zeros, not gaps.
+        for channel in ["alipay", "wechat"] {
+            for result in ["processed", "duplicate", "rejected"] {
+                payment_notifications.with_label_values(&[channel, result]);
+            }
+            reconcile_paid_found.with_label_values(&[channel]);
+        }
+        for status in ["pending", "paid", "closed", "refunded"] {
+            orders.with_label_values(&[status]);
+        }
         for collector in [
-            Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(payment_notifications.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(orders.clone()),
+            Box::new(reconcile_paid_found.clone()),
+            Box::new(http_requests.clone()),
             Box::new(http_duration.clone()),
             Box::new(usage_ingested.clone()),
             Box::new(usage_backlog.clone()),
@@ -78,6 +115,9 @@ impl Metrics {
             usage_ingested,
             usage_backlog,
             usage_lag,
+            payment_notifications,
+            orders,
+            reconcile_paid_found,
         }
     }
 

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod catalog;
 pub mod limits;
 pub mod migrate;
+pub mod orders;
 pub mod outbox;
 pub mod refresh;
 pub mod seed;

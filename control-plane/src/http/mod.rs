@@ -11,6 +11,7 @@ pub mod extract;
 mod internal;
 mod metering;
 mod ops;
+mod payments;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,6 +45,7 @@ pub struct AppState {
     pub hasher: Hasher,
     pub throttle: Throttle,
     pub sync: Syncer,
+    pub payments: crate::payments::service::Payments,
 }
 
 /// The request id of the current request, for handlers and logs.
@@ -85,6 +87,14 @@ pub fn router(state: AppState) -> Router {
             post(metering::create_quota_type),
         )
         .route("/v1/admin/plans/{id}", put(metering::put_plan))
+        .route("/v1/orders", post(payments::create))
+        .route("/v1/orders/{id}", get(payments::get))
+        .route("/v1/orders/{id}/qr.svg", get(payments::qr_svg))
+        .route("/v1/orders/{id}/qr.png", get(payments::qr_png))
+        .route("/v1/payments/alipay/notify", post(payments::alipay_notify))
+        .route("/v1/payments/wechat/notify", post(payments::wechat_notify))
+        .route("/v1/admin/orders/{id}/refund", post(payments::admin_refund))
+        .route("/checkout", get(payments::checkout))
         .route("/internal/users/{id}/sync", post(internal::sync_user))
         // Inside routing, so the matched route template is known.
         .route_layer(middleware::from_fn(label_route))

@@ -1,0 +1,467 @@
+//! Orders, the gateways' notifications, the QR code of a WeChat order, refunds and the checkout
+//! page.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::AppState;
+use super::error::AppError;
+use super::extract::Json;
+use crate::auth::AuthUser;
+use crate::db::orders::OrderRow;
+use crate::db::{self, DbError};
+use crate::payments::PayError;
+use crate::payments::service::ServiceError;
+use crate::payments::wechat::SignedHeaders;
+
+#[derive(Serialize)]
+pub struct OrderDto {
+    id: String,
+    status: String,
+    plan_id: String,
+    channel: String,
+    amount: serde_json::Value,
+    created_at: chrono::DateTime<chrono::Utc>,
+    paid_at: Option<chrono::DateTime<chrono::Utc>>,
+    expires_at: chrono::DateTime<chrono::Utc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pay_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    qr_svg_url: Option<String>,
+}
+
+impl From<OrderRow> for OrderDto {
+    fn from(o: OrderRow) -> OrderDto {
+        let qr_svg_url = o
+            .code_url
+            .as_ref()
+            .map(|_| format!("/v1/orders/{}/qr.svg", o.id));
+        OrderDto {
+            amount: json!({"amount": o.amount, "currency": o.currency}),
+            id: o.id,
+            status: o.status,
+            plan_id: o.plan_id,
+            channel: o.channel,
+            created_at: o.created_at,
+            paid_at: o.paid_at,
+            expires_at: o.expires_at,
+            pay_url: o.pay_url,
+            code_url: o.code_url,
+            qr_svg_url,
+        }
+    }
+}
+
+impl From<ServiceError> for AppError {
+    fn from(e: ServiceError) -> AppError {
+        match e {
+            ServiceError::Db(e) => e.into(),
+            ServiceError::NotFound(what) => AppError::not_found(what),
+            ServiceError::Invalid(why) => AppError::invalid(why),
+            ServiceError::Pay(
+                e @ (PayError::Unreachable(_)
+                | PayError::Refused(_)
+                | PayError::BadSignature
+                | PayError::Invalid(_)),
+            ) => {
+                let mut err = AppError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "payment_gateway_error",
+                    "the payment gateway could not take the order; try again shortly",
+                );
+                err.internal = Some(e.to_string());
+                err
+            }
+            ServiceError::Pay(e) => AppError::internal(e),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub struct CreateOrder {
+    plan_id: String,
+    channel: String,
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    headers: HeaderMap,
+    Json(body): Json<CreateOrder>,
+) -> Result<Response, AppError> {
+    let key = match headers.get("idempotency-key") {
+        Some(v) => {
+            let v = v
+                .to_str()
+                .ok()
+                .filter(|v| !v.is_empty() && v.len() <= 255)
+                .ok_or_else(|| {
+                    AppError::invalid("Idempotency-Key must be 1 to 255 visible characters")
+                })?;
+            Some(v.to_owned())
+        }
+        None => None,
+    };
+    if body.plan_id.is_empty() || body.plan_id.len() > 63 {
+        return Err(AppError::not_found("no such plan for sale"));
+    }
+    let order = state
+        .payments
+        .create_order(auth.id, &body.plan_id, &body.channel, key.as_deref())
+        .await?;
+    Ok((StatusCode::CREATED, Json(OrderDto::from(order))).into_response())
+}
+
+async fn own_order(state: &AppState, auth: &AuthUser, id: &str) -> Result<OrderRow, AppError> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(AppError::not_found("no such order"));
+    }
+    let client = state.db.get().await.map_err(DbError::from)?;
+    db::orders::get(&**client, id)
+        .await?
+        .filter(|o| o.user_id == auth.id)
+        .ok_or_else(|| AppError::not_found("no such order"))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<OrderDto>, AppError> {
+    Ok(Json(own_order(&state, &auth, &id).await?.into()))
+}
+
+fn qr_of(order: &OrderRow) -> Result<qrcode::QrCode, AppError> {
+    let code_url = order
+        .code_url
+        .as_deref()
+        .ok_or_else(|| AppError::not_found("this order has no QR code (not a WeChat order)"))?;
+    qrcode::QrCode::new(code_url.as_bytes()).map_err(AppError::internal)
+}
+
+pub async fn qr_svg(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Response, AppError> {
+    let order = own_order(&state, &auth, &id).await?;
+    let svg = qr_of(&order)?
+        .render::<qrcode::render::svg::Color<'_>>()
+        .min_dimensions(240, 240)
+        .quiet_zone(true)
+        .build();
+    Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response())
+}
+
+pub async fn qr_png(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Response, AppError> {
+    let order = own_order(&state, &auth, &id).await?;
+    let code = qr_of(&order)?;
+    let (width, colors) = (code.width(), code.to_colors());
+    const SCALE: usize = 8;
+    const QUIET: usize = 4;
+    let side = (width + 2 * QUIET) * SCALE;
+    let mut pixels = vec![255u8; side * side];
+    for (i, color) in colors.iter().enumerate() {
+        if *color == qrcode::Color::Dark {
+            let (x, y) = (i % width + QUIET, i / width + QUIET);
+            for dy in 0..SCALE {
+                let row = (y * SCALE + dy) * side;
+                pixels[row + x * SCALE..row + (x + 1) * SCALE].fill(0);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, side as u32, side as u32);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().map_err(AppError::internal)?;
+        writer
+            .write_image_data(&pixels)
+            .map_err(AppError::internal)?;
+    }
+    Ok(([(header::CONTENT_TYPE, "image/png")], out).into_response())
+}
+
+fn header_json(headers: &HeaderMap) -> serde_json::Value {
+    let keep = [
+        "content-type",
+        "user-agent",
+        "wechatpay-timestamp",
+        "wechatpay-nonce",
+        "wechatpay-signature",
+        "wechatpay-serial",
+        "request-id",
+    ];
+    serde_json::Value::Object(
+        keep.iter()
+            .filter_map(|k| {
+                headers
+                    .get(*k)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| ((*k).to_owned(), json!(v)))
+            })
+            .collect(),
+    )
+}
+
+async fn reject(
+    state: &AppState,
+    channel: &str,
+    id: i64,
+    out_trade_no: Option<&str>,
+    event: Option<&str>,
+    verified: bool,
+    why: &str,
+) {
+    state
+        .metrics
+        .payment_notifications
+        .with_label_values(&[channel, "rejected"])
+        .inc();
+    tracing::warn!(channel, out_trade_no, why, "payment notification rejected");
+    if let Ok(client) = state.db.get().await {
+        let _ = db::orders::finish_notification(
+            &**client,
+            id,
+            verified,
+            out_trade_no,
+            event,
+            "rejected",
+            Some(why),
+        )
+        .await;
+    }
+}
+
+/// Alipay's asynchronous notification: `success` once handled (also for a duplicate), `failure`
+/// with 400 for anything that does not verify or does not match the order; nothing changes then.
+pub async fn alipay_notify(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let failure = |status: StatusCode| (status, "failure").into_response();
+    let Some(alipay) = state.payments.alipay.clone() else {
+        return failure(StatusCode::NOT_FOUND);
+    };
+    let id = {
+        let Ok(client) = state.db.get().await else {
+            return failure(StatusCode::SERVICE_UNAVAILABLE);
+        };
+        match db::orders::record_notification(&**client, "alipay", &header_json(&headers), &body)
+            .await
+        {
+            Ok(id) => id,
+            Err(_) => return failure(StatusCode::SERVICE_UNAVAILABLE),
+        }
+    };
+    let notify = match alipay.verify_notify(&body) {
+        Ok(n) => n,
+        Err(e) => {
+            reject(&state, "alipay", id, None, None, false, &e.to_string()).await;
+            return failure(StatusCode::BAD_REQUEST);
+        }
+    };
+    if !notify.is_paid() {
+        if let Ok(client) = state.db.get().await {
+            let _ = db::orders::finish_notification(
+                &**client,
+                id,
+                true,
+                Some(&notify.out_trade_no),
+                Some(&notify.trade_status),
+                "ignored",
+                None,
+            )
+            .await;
+        }
+        return "success".into_response();
+    }
+    match state
+        .payments
+        .settle_paid(
+            "alipay",
+            &notify.out_trade_no,
+            &notify.trade_status,
+            &notify.trade_no,
+            notify.total_fen,
+            Some(id),
+        )
+        .await
+    {
+        Ok(settled) => {
+            let result = if settled == crate::payments::service::Settled::Processed {
+                "processed"
+            } else {
+                "duplicate"
+            };
+            state
+                .metrics
+                .payment_notifications
+                .with_label_values(&["alipay", result])
+                .inc();
+            "success".into_response()
+        }
+        Err(ServiceError::Db(e)) => {
+            tracing::error!(error = %e, "payment notification not recorded; the gateway will retry");
+            failure(StatusCode::SERVICE_UNAVAILABLE)
+        }
+        Err(e) => {
+            reject(
+                &state,
+                "alipay",
+                id,
+                Some(&notify.out_trade_no),
+                Some(&notify.trade_status),
+                true,
+                &e.to_string(),
+            )
+            .await;
+            failure(StatusCode::BAD_REQUEST)
+        }
+    }
+}
+
+fn wechat_fail(status: StatusCode, message: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({"code": "FAIL", "message": message})),
+    )
+        .into_response()
+}
+
+/// WeChat Pay's notification: `204` once handled (also for a duplicate); `401` for a bad
+/// signature, `400` for a stale timestamp, a resource that does not decrypt or a mismatch.
+pub async fn wechat_notify(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(wechat) = state.payments.wechat.clone() else {
+        return wechat_fail(StatusCode::NOT_FOUND, "wechat pay is not configured");
+    };
+    let id = {
+        let Ok(client) = state.db.get().await else {
+            return wechat_fail(StatusCode::SERVICE_UNAVAILABLE, "try again");
+        };
+        match db::orders::record_notification(&**client, "wechat", &header_json(&headers), &body)
+            .await
+        {
+            Ok(id) => id,
+            Err(_) => return wechat_fail(StatusCode::SERVICE_UNAVAILABLE, "try again"),
+        }
+    };
+    let h = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    };
+    let signed = SignedHeaders {
+        timestamp: h("wechatpay-timestamp"),
+        nonce: h("wechatpay-nonce"),
+        signature: h("wechatpay-signature"),
+        serial: h("wechatpay-serial"),
+    };
+    let (event, transaction) =
+        match wechat.verify_notification(&signed, &body, chrono::Utc::now().timestamp()) {
+            Ok(v) => v,
+            Err(e) => {
+                reject(&state, "wechat", id, None, None, false, &e.to_string()).await;
+                let status = if matches!(e, PayError::BadSignature) {
+                    StatusCode::UNAUTHORIZED
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                return wechat_fail(status, &e.to_string());
+            }
+        };
+    if transaction.trade_state != "SUCCESS" {
+        if let Ok(client) = state.db.get().await {
+            let _ = db::orders::finish_notification(
+                &**client,
+                id,
+                true,
+                Some(&transaction.out_trade_no),
+                Some(&event),
+                "ignored",
+                None,
+            )
+            .await;
+        }
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    let total = transaction.amount.as_ref().map_or(-1, |a| a.total);
+    match state
+        .payments
+        .settle_paid(
+            "wechat",
+            &transaction.out_trade_no,
+            &event,
+            transaction.transaction_id.as_deref().unwrap_or_default(),
+            total,
+            Some(id),
+        )
+        .await
+    {
+        Ok(settled) => {
+            let result = if settled == crate::payments::service::Settled::Processed {
+                "processed"
+            } else {
+                "duplicate"
+            };
+            state
+                .metrics
+                .payment_notifications
+                .with_label_values(&["wechat", result])
+                .inc();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(ServiceError::Db(e)) => {
+            tracing::error!(error = %e, "payment notification not recorded; the gateway will retry");
+            wechat_fail(StatusCode::SERVICE_UNAVAILABLE, "try again")
+        }
+        Err(e) => {
+            reject(
+                &state,
+                "wechat",
+                id,
+                Some(&transaction.out_trade_no),
+                Some(&event),
+                true,
+                &e.to_string(),
+            )
+            .await;
+            wechat_fail(StatusCode::BAD_REQUEST, &e.to_string())
+        }
+    }
+}
+
+pub async fn admin_refund(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<OrderDto>, AppError> {
+    auth.require_admin()?;
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(AppError::not_found("no such order"));
+    }
+    Ok(Json(state.payments.refund(&id, auth.id).await?.into()))
+}
+
+pub async fn checkout() -> Html<&'static str> {
+    Html(include_str!("../../static/checkout.html"))
+}

@@ -1,0 +1,479 @@
+//! Orders and what payments do to them: create (priced on the server), settle a verified payment
+//! exactly once (the order's row lock plus the unique processed-notification key), reconcile
+//! pending orders with the gateway, close expired ones, refund.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use super::alipay::{Alipay, AlipayConfig};
+use super::wechat::{Wechat, WechatConfig};
+use super::{PayError, RsaSigner, RsaVerifier};
+use crate::config::Config;
+use crate::db::orders::OrderRow;
+use crate::db::outbox::Topic;
+use crate::db::{self, DbError};
+use crate::metrics::Metrics;
+use crate::sync::Syncer;
+
+#[derive(Clone)]
+pub struct Payments {
+    pub alipay: Option<Arc<Alipay>>,
+    pub wechat: Option<Arc<Wechat>>,
+    pub sync: Syncer,
+    pub metrics: Arc<Metrics>,
+    pub order_ttl: chrono::Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Pay(#[from] PayError),
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What became of a verified payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// The order turned paid now and the subscription was activated or extended.
+    Processed,
+    /// Already paid: nothing changed.
+    Duplicate,
+}
+
+fn read(path: &std::path::Path) -> Result<String, PayError> {
+    std::fs::read_to_string(path).map_err(|e| PayError::Key(format!("{}: {e}", path.display())))
+}
+
+/// A new out_trade_no: `TG`, the UTC time to the second, and 18 random letters and digits —
+/// 34 characters of `[A-Za-z0-9]`, unique and not guessable.
+pub fn new_order_id() -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    let tail: String = (0..18)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect();
+    format!("TG{}{tail}", Utc::now().format("%Y%m%d%H%M%S"))
+}
+
+impl Payments {
+    pub fn load(
+        config: &Config,
+        sync: Syncer,
+        metrics: Arc<Metrics>,
+    ) -> Result<Payments, PayError> {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(15))
+            .build()
+            .map_err(|e| PayError::Key(format!("http client: {e}")))?;
+        let public = &config.public_url;
+        let alipay = match &config.alipay {
+            Some(a) => Some(Arc::new(Alipay::new(
+                AlipayConfig {
+                    gateway_url: a.gateway_url.clone(),
+                    app_id: a.app_id.clone(),
+                    seller_id: a.seller_id.clone(),
+                    app_key: RsaSigner::from_pem(&read(&a.app_private_key_file)?)?,
+                    alipay_key: RsaVerifier::from_pem(&read(&a.public_key_file)?)?,
+                    notify_url: format!("{public}/v1/payments/alipay/notify"),
+                    return_url: format!("{public}/checkout"),
+                },
+                http.clone(),
+            ))),
+            None => None,
+        };
+        let wechat = match &config.wechat {
+            Some(w) => {
+                let mut apiv3_key = [0u8; 32];
+                let raw = w.apiv3_key.expose().as_bytes();
+                if raw.len() != 32 {
+                    return Err(PayError::Key("the APIv3 key must be 32 bytes".to_owned()));
+                }
+                apiv3_key.copy_from_slice(raw);
+                let platform = RsaVerifier::from_pem(&read(&w.platform_public_key_file)?)?;
+                Some(Arc::new(Wechat::new(
+                    WechatConfig {
+                        api_base: w.api_base.clone(),
+                        mchid: w.mchid.clone(),
+                        appid: w.appid.clone(),
+                        merchant_serial: w.merchant_serial.clone(),
+                        merchant_key: RsaSigner::from_pem(&read(&w.merchant_private_key_file)?)?,
+                        platform_keys: [(w.platform_serial.clone(), platform)].into(),
+                        apiv3_key,
+                        notify_url: format!("{public}/v1/payments/wechat/notify"),
+                    },
+                    http,
+                )))
+            }
+            None => None,
+        };
+        Ok(Payments {
+            alipay,
+            wechat,
+            sync,
+            metrics,
+            order_ttl: chrono::Duration::milliseconds(config.order_ttl.0 as i64),
+        })
+    }
+
+    /// Creates a pending order for a priced plan and what its channel needs (a signed pay URL, or
+    /// the WeChat `code_url`). A retried create with the same `Idempotency-Key` returns the same
+    /// order.
+    pub async fn create_order(
+        &self,
+        user: Uuid,
+        plan_id: &str,
+        channel: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<OrderRow, ServiceError> {
+        let client = self.sync.db.get().await.map_err(DbError::from)?;
+        if let Some(key) = idempotency_key {
+            if let Some(existing) = db::orders::by_idempotency_key(&**client, user, key).await? {
+                return Ok(existing);
+            }
+        }
+        let plan = db::catalog::plan(&**client, plan_id)
+            .await?
+            .filter(|p| p.public && p.price_amount > 0)
+            .ok_or(ServiceError::NotFound("no such plan for sale"))?;
+        let (alipay_wap, is_alipay) = match channel {
+            "alipay_page" => (false, true),
+            "alipay_wap" => (true, true),
+            "wechat_native" => (false, false),
+            _ => {
+                return Err(ServiceError::Invalid(
+                    "channel must be alipay_page, alipay_wap or wechat_native".to_owned(),
+                ));
+            }
+        };
+        if (is_alipay && self.alipay.is_none()) || (!is_alipay && self.wechat.is_none()) {
+            return Err(ServiceError::Invalid(format!(
+                "the {channel} channel is not configured here"
+            )));
+        }
+        let id = new_order_id();
+        let expires_at = Utc::now() + self.order_ttl;
+        let created = db::orders::create(
+            &**client,
+            &db::orders::NewOrder {
+                id: &id,
+                user,
+                plan: &plan.id,
+                channel,
+                amount: plan.price_amount,
+                currency: &plan.currency,
+                idempotency_key,
+                expires_at,
+            },
+        )
+        .await;
+        match created {
+            Ok(()) => {}
+            // Two retries raced: the other one created it.
+            Err(e) if e.unique_violation() == Some("orders_user_id_idempotency_key_key") => {
+                let key = idempotency_key.unwrap_or_default();
+                return db::orders::by_idempotency_key(&**client, user, key)
+                    .await?
+                    .ok_or(ServiceError::NotFound("order vanished"));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.metrics.orders.with_label_values(&["pending"]).inc();
+        let subject = format!("Tollgate {}", plan.name);
+        if is_alipay {
+            if let Some(alipay) = &self.alipay {
+                let url = alipay.pay_url(&id, &subject, plan.price_amount, alipay_wap, expires_at);
+                db::orders::set_payment_target(&**client, &id, Some(&url), None).await?;
+            }
+        } else if let Some(wechat) = &self.wechat {
+            match wechat
+                .native(&id, &subject, plan.price_amount, expires_at)
+                .await
+            {
+                Ok(code_url) => {
+                    db::orders::set_payment_target(&**client, &id, None, Some(&code_url)).await?
+                }
+                Err(e) => {
+                    // The gateway has no usable order: close ours so it is never paid.
+                    let mut client = self.sync.db.get().await.map_err(DbError::from)?;
+                    let tx = client
+                        .transaction()
+                        .await
+                        .map_err(DbError::op("begin close"))?;
+                    db::orders::set_status(&tx, &id, "closed", None).await?;
+                    tx.commit().await.map_err(DbError::op("commit close"))?;
+                    return Err(e.into());
+                }
+            }
+        }
+        db::orders::get(&**client, &id)
+            .await?
+            .ok_or(ServiceError::NotFound("order vanished"))
+    }
+
+    /// Applies a verified payment to its order once. `event` names the delivery (e.g.
+    /// `TRADE_SUCCESS`, `TRANSACTION.SUCCESS`, `query`); `notification` is the stored raw
+    /// notification, marked processed or duplicate in the same transaction.
+    pub async fn settle_paid(
+        &self,
+        channel: &str,
+        out_trade_no: &str,
+        event: &str,
+        gateway_trade_no: &str,
+        amount_fen: i64,
+        notification: Option<i64>,
+    ) -> Result<Settled, ServiceError> {
+        let mut client = self.sync.db.get().await.map_err(DbError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(DbError::op("begin payment"))?;
+        let order = db::orders::lock(&tx, out_trade_no)
+            .await?
+            .ok_or(ServiceError::NotFound("unknown order"))?;
+        if !order.channel.starts_with(channel) {
+            return Err(ServiceError::Invalid(format!(
+                "order {} is not a {channel} order",
+                order.id
+            )));
+        }
+        if order.amount != amount_fen {
+            return Err(ServiceError::Invalid(format!(
+                "paid amount {amount_fen} differs from the order's {}",
+                order.amount
+            )));
+        }
+        let settled = if matches!(order.status.as_str(), "paid" | "refunded") {
+            Settled::Duplicate
+        } else {
+            if order.status == "closed" {
+                // The buyer paid as we closed it: the money is real, so the order counts.
+                tracing::warn!(order = %order.id, "payment arrived for a closed order; accepting it");
+            }
+            db::orders::set_status(&tx, &order.id, "paid", Some(gateway_trade_no)).await?;
+            db::subscriptions::activate(&tx, order.user_id, &order.plan_id, Some(&order.id))
+                .await?;
+            db::outbox::enqueue(&*tx, Topic::User, &order.user_id.to_string()).await?;
+            Settled::Processed
+        };
+        if let Some(id) = notification {
+            let result = if settled == Settled::Processed {
+                "processed"
+            } else {
+                "duplicate"
+            };
+            db::orders::finish_notification(
+                &*tx,
+                id,
+                true,
+                Some(out_trade_no),
+                Some(event),
+                result,
+                None,
+            )
+            .await?;
+        }
+        tx.commit().await.map_err(DbError::op("commit payment"))?;
+        if settled == Settled::Processed {
+            self.metrics.orders.with_label_values(&["paid"]).inc();
+            // The new limits reach the sidecars before the gateway hears back.
+            if let Err(e) = self.sync.user(order.user_id).await {
+                tracing::warn!(error = %e, "new limits not yet in redis; the outbox will retry");
+            }
+            self.sync.kick();
+        }
+        Ok(settled)
+    }
+
+    /// Asks the gateway about orders pending longer than a minute: a missed notification still
+    /// ends in `paid`, and expired orders are closed at the gateway (then queried once more, so
+    /// a payment that raced the close is not lost) and locally.
+    pub async fn reconcile_once(&self) -> Result<usize, ServiceError> {
+        let client = self.sync.db.get().await.map_err(DbError::from)?;
+        let pending = db::orders::pending_older_than(&**client, 60, 100).await?;
+        drop(client);
+        let mut changed = 0;
+        for order in pending {
+            match self.reconcile_order(&order).await {
+                Ok(true) => changed += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(order = %order.id, error = %e, "reconciling an order failed")
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn paid_at_gateway(
+        &self,
+        order: &OrderRow,
+    ) -> Result<Option<(String, i64)>, ServiceError> {
+        if order.channel.starts_with("alipay") {
+            let Some(alipay) = &self.alipay else {
+                return Ok(None);
+            };
+            Ok(match alipay.query(&order.id).await? {
+                super::alipay::TradeState::Paid {
+                    trade_no,
+                    total_fen,
+                } => Some((trade_no, total_fen)),
+                _ => None,
+            })
+        } else {
+            let Some(wechat) = &self.wechat else {
+                return Ok(None);
+            };
+            Ok(wechat
+                .query(&order.id)
+                .await?
+                .filter(|t| t.trade_state == "SUCCESS")
+                .map(|t| {
+                    (
+                        t.transaction_id.unwrap_or_default(),
+                        t.amount.map_or(-1, |a| a.total),
+                    )
+                }))
+        }
+    }
+
+    async fn reconcile_order(&self, order: &OrderRow) -> Result<bool, ServiceError> {
+        let channel = if order.channel.starts_with("alipay") {
+            "alipay"
+        } else {
+            "wechat"
+        };
+        if let Some((trade_no, fen)) = self.paid_at_gateway(order).await? {
+            let settled = self
+                .settle_paid(channel, &order.id, "query", &trade_no, fen, None)
+                .await?;
+            if settled == Settled::Processed {
+                self.metrics
+                    .reconcile_paid_found
+                    .with_label_values(&[channel])
+                    .inc();
+                tracing::warn!(order = %order.id, "reconciliation found a paid order whose notification never arrived");
+            }
+            return Ok(settled == Settled::Processed);
+        }
+        if order.expires_at > Utc::now() {
+            return Ok(false);
+        }
+        if channel == "alipay" {
+            if let Some(alipay) = &self.alipay {
+                alipay.close(&order.id).await?;
+            }
+        } else if let Some(wechat) = &self.wechat {
+            wechat.close(&order.id).await?;
+        }
+        // A payment may have landed just before the close.
+        if let Some((trade_no, fen)) = self.paid_at_gateway(order).await? {
+            self.settle_paid(channel, &order.id, "query", &trade_no, fen, None)
+                .await?;
+            return Ok(true);
+        }
+        let mut client = self.sync.db.get().await.map_err(DbError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(DbError::op("begin close"))?;
+        let locked = db::orders::lock(&tx, &order.id).await?;
+        if locked.is_some_and(|o| o.status == "pending") {
+            db::orders::set_status(&tx, &order.id, "closed", None).await?;
+            tx.commit().await.map_err(DbError::op("commit close"))?;
+            self.metrics.orders.with_label_values(&["closed"]).inc();
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Refunds a paid order in full at the gateway and ends the paid period it bought.
+    pub async fn refund(&self, order_id: &str, actor: Uuid) -> Result<OrderRow, ServiceError> {
+        let client = self.sync.db.get().await.map_err(DbError::from)?;
+        let order = db::orders::get(&**client, order_id)
+            .await?
+            .ok_or(ServiceError::NotFound("no such order"))?;
+        if order.status != "paid" {
+            return Err(ServiceError::Invalid(format!(
+                "only a paid order can be refunded; this one is {}",
+                order.status
+            )));
+        }
+        let request_no = format!("RF{}", &order.id[2..]);
+        if order.channel.starts_with("alipay") {
+            let alipay = self
+                .alipay
+                .as_ref()
+                .ok_or(ServiceError::Invalid("alipay is not configured".to_owned()))?;
+            alipay.refund(&order.id, order.amount, &request_no).await?;
+        } else {
+            let wechat = self
+                .wechat
+                .as_ref()
+                .ok_or(ServiceError::Invalid("wechat is not configured".to_owned()))?;
+            wechat
+                .refund(&order.id, &request_no, order.amount, order.amount)
+                .await?;
+        }
+        drop(client);
+        let mut client = self.sync.db.get().await.map_err(DbError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(DbError::op("begin refund"))?;
+        db::orders::lock(&tx, &order.id).await?;
+        db::orders::set_status(&tx, &order.id, "refunded", None).await?;
+        // The period this order bought ends now; the user is back on free.
+        let ended = tx
+            .execute(
+                "UPDATE subscriptions SET status = 'refunded', updated_at = now()
+                 WHERE source_order_id = $1 AND status = 'active'",
+                &[&order.id],
+            )
+            .await
+            .map_err(DbError::op("end refunded subscription"))?;
+        if ended > 0 {
+            tx.execute(
+                "INSERT INTO subscriptions (user_id, plan_id) VALUES ($1, 'free')",
+                &[&order.user_id],
+            )
+            .await
+            .map_err(DbError::op("back to free"))?;
+        }
+        db::outbox::enqueue(&*tx, Topic::User, &order.user_id.to_string()).await?;
+        db::audit::record(
+            &*tx,
+            actor,
+            "order.refund",
+            "order",
+            &order.id,
+            &serde_json::json!({"amount": order.amount}),
+        )
+        .await?;
+        tx.commit().await.map_err(DbError::op("commit refund"))?;
+        self.metrics.orders.with_label_values(&["refunded"]).inc();
+        if let Err(e) = self.sync.user(order.user_id).await {
+            tracing::warn!(error = %e, "refund not yet in redis; the outbox will retry");
+        }
+        let client = self.sync.db.get().await.map_err(DbError::from)?;
+        db::orders::get(&**client, &order.id)
+            .await?
+            .ok_or(ServiceError::NotFound("order vanished"))
+    }
+
+    pub async fn run_reconciler(self, every: std::time::Duration) {
+        loop {
+            if let Err(e) = self.reconcile_once().await {
+                tracing::warn!(error = %e, "payment reconciliation failed; will retry");
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+}

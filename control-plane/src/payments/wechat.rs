@@ -1,0 +1,349 @@
+//! WeChat Pay API v3, Native (QR code) payments.
+//!
+//! Requests carry `Authorization: WECHATPAY2-SHA256-RSA2048 mchid="…",nonce_str="…",
+//! timestamp="…",serial_no="…",signature="…"`, a SHA256withRSA signature with the merchant key over
+//! `METHOD\nURL\nTIMESTAMP\nNONCE\nBODY\n`. Responses and notifications are verified over
+//! `TIMESTAMP\nNONCE\nBODY\n` (the raw body) with the platform key named by `Wechatpay-Serial`,
+//! and refused when the timestamp is more than five minutes off. A notification's resource is
+//! AEAD_AES_256_GCM-encrypted with the APIv3 key.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{PayError, RsaSigner, RsaVerifier};
+
+/// A signed message's timestamp may be this far from our clock.
+pub const MAX_SKEW_SECONDS: i64 = 300;
+
+pub struct WechatConfig {
+    /// e.g. `https://api.mch.weixin.qq.com`; the signed URL is the path after it.
+    pub api_base: String,
+    pub mchid: String,
+    pub appid: String,
+    pub merchant_serial: String,
+    pub merchant_key: RsaSigner,
+    /// Platform keys (certificates' or the newer WeChat Pay public key) by serial.
+    pub platform_keys: HashMap<String, RsaVerifier>,
+    pub apiv3_key: [u8; 32],
+    pub notify_url: String,
+}
+
+pub struct Wechat {
+    cfg: WechatConfig,
+    http: reqwest::Client,
+}
+
+/// The headers of a signed response or notification.
+pub struct SignedHeaders<'a> {
+    pub timestamp: &'a str,
+    pub nonce: &'a str,
+    pub signature: &'a str,
+    pub serial: &'a str,
+}
+
+/// The decrypted transaction of a notification or a query.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Transaction {
+    pub appid: Option<String>,
+    pub mchid: Option<String>,
+    pub out_trade_no: String,
+    pub transaction_id: Option<String>,
+    pub trade_state: String,
+    pub amount: Option<Amount>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Amount {
+    pub total: i64,
+}
+
+#[derive(Deserialize)]
+struct Notification {
+    event_type: String,
+    resource: Resource,
+}
+
+#[derive(Deserialize)]
+struct Resource {
+    algorithm: String,
+    ciphertext: String,
+    #[serde(default)]
+    associated_data: String,
+    nonce: String,
+}
+
+fn nonce() -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    (0..32)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+/// AEAD_AES_256_GCM as WeChat Pay uses it: base64 ciphertext with the 16-byte tag appended.
+pub fn decrypt(
+    key: &[u8; 32],
+    nonce: &str,
+    associated_data: &str,
+    ciphertext_b64: &str,
+) -> Result<Vec<u8>, PayError> {
+    let ciphertext = STANDARD
+        .decode(ciphertext_b64)
+        .map_err(|_| PayError::Invalid("ciphertext is not base64".to_owned()))?;
+    if nonce.len() != 12 {
+        return Err(PayError::Invalid("nonce must be 12 bytes".to_owned()));
+    }
+    Aes256Gcm::new(key.into())
+        .decrypt(
+            Nonce::from_slice(nonce.as_bytes()),
+            Payload {
+                msg: &ciphertext,
+                aad: associated_data.as_bytes(),
+            },
+        )
+        .map_err(|_| PayError::Invalid("resource does not decrypt".to_owned()))
+}
+
+impl Wechat {
+    pub fn new(cfg: WechatConfig, http: reqwest::Client) -> Wechat {
+        Wechat { cfg, http }
+    }
+
+    /// The `Authorization` header of one request.
+    pub fn authorization(
+        &self,
+        method: &str,
+        url_path: &str,
+        body: &str,
+        timestamp: i64,
+        nonce: &str,
+    ) -> String {
+        let message = format!("{method}\n{url_path}\n{timestamp}\n{nonce}\n{body}\n");
+        let signature = self.cfg.merchant_key.sign(message.as_bytes());
+        format!(
+            "WECHATPAY2-SHA256-RSA2048 mchid=\"{}\",nonce_str=\"{nonce}\",timestamp=\"{timestamp}\",serial_no=\"{}\",signature=\"{signature}\"",
+            self.cfg.mchid, self.cfg.merchant_serial
+        )
+    }
+
+    /// Verifies a response or notification over its raw body.
+    pub fn verify(
+        &self,
+        headers: &SignedHeaders<'_>,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), PayError> {
+        let ts: i64 = headers
+            .timestamp
+            .parse()
+            .map_err(|_| PayError::Invalid("bad Wechatpay-Timestamp".to_owned()))?;
+        if (now - ts).abs() > MAX_SKEW_SECONDS {
+            return Err(PayError::Invalid(
+                "Wechatpay-Timestamp is too far from now".to_owned(),
+            ));
+        }
+        let key = self
+            .cfg
+            .platform_keys
+            .get(headers.serial)
+            .ok_or_else(|| PayError::Invalid("unknown Wechatpay-Serial".to_owned()))?;
+        let mut message = format!("{}\n{}\n", headers.timestamp, headers.nonce).into_bytes();
+        message.extend_from_slice(body);
+        message.push(b'\n');
+        key.verify(&message, headers.signature)
+    }
+
+    /// Verifies and decrypts a payment notification; checks it is for this merchant.
+    pub fn verify_notification(
+        &self,
+        headers: &SignedHeaders<'_>,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(String, Transaction), PayError> {
+        self.verify(headers, body, now)?;
+        let notification: Notification = serde_json::from_slice(body)
+            .map_err(|_| PayError::Invalid("notification is not the expected JSON".to_owned()))?;
+        if notification.resource.algorithm != "AEAD_AES_256_GCM" {
+            return Err(PayError::Invalid(
+                "unsupported resource algorithm".to_owned(),
+            ));
+        }
+        let plain = decrypt(
+            &self.cfg.apiv3_key,
+            &notification.resource.nonce,
+            &notification.resource.associated_data,
+            &notification.resource.ciphertext,
+        )?;
+        let transaction: Transaction = serde_json::from_slice(&plain)
+            .map_err(|_| PayError::Invalid("resource is not a transaction".to_owned()))?;
+        self.check_merchant(&transaction)?;
+        Ok((notification.event_type, transaction))
+    }
+
+    fn check_merchant(&self, t: &Transaction) -> Result<(), PayError> {
+        if t.appid.as_deref() != Some(self.cfg.appid.as_str()) {
+            return Err(PayError::Invalid(
+                "transaction for another appid".to_owned(),
+            ));
+        }
+        if t.mchid.as_deref() != Some(self.cfg.mchid.as_str()) {
+            return Err(PayError::Invalid(
+                "transaction for another mchid".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// One signed API call; the response's signature is verified before its body is trusted.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, String), PayError> {
+        let body = body.map(Value::to_string).unwrap_or_default();
+        let timestamp = chrono::Utc::now().timestamp();
+        let nonce = nonce();
+        let auth = self.authorization(method.as_str(), path, &body, timestamp, &nonce);
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.cfg.api_base))
+            .header("Authorization", auth)
+            .header("Accept", "application/json")
+            .timeout(Duration::from_secs(10));
+        if !body.is_empty() {
+            request = request
+                .header("Content-Type", "application/json")
+                .body(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| PayError::Unreachable(e.to_string()))?;
+        let status = response.status().as_u16();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let (timestamp, nonce, signature, serial) = (
+            header("Wechatpay-Timestamp"),
+            header("Wechatpay-Nonce"),
+            header("Wechatpay-Signature"),
+            header("Wechatpay-Serial"),
+        );
+        let raw = response
+            .bytes()
+            .await
+            .map_err(|e| PayError::Unreachable(e.to_string()))?;
+        self.verify(
+            &SignedHeaders {
+                timestamp: &timestamp,
+                nonce: &nonce,
+                signature: &signature,
+                serial: &serial,
+            },
+            &raw,
+            chrono::Utc::now().timestamp(),
+        )?;
+        Ok((status, String::from_utf8_lossy(&raw).into_owned()))
+    }
+
+    /// Creates a Native order; returns the `code_url` the QR code encodes.
+    pub async fn native(
+        &self,
+        out_trade_no: &str,
+        description: &str,
+        total_fen: i64,
+        expires_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<String, PayError> {
+        let body = serde_json::json!({
+            "appid": self.cfg.appid,
+            "mchid": self.cfg.mchid,
+            "description": description,
+            "out_trade_no": out_trade_no,
+            "time_expire": expires_at.with_timezone(&chrono_tz::Asia::Shanghai).to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+            "notify_url": self.cfg.notify_url,
+            "amount": {"total": total_fen, "currency": "CNY"},
+        });
+        let (status, text) = self
+            .call(
+                reqwest::Method::POST,
+                "/v3/pay/transactions/native",
+                Some(&body),
+            )
+            .await?;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        match (status, v.get("code_url").and_then(Value::as_str)) {
+            (200, Some(code_url)) => Ok(code_url.to_owned()),
+            _ => Err(PayError::Refused(format!("native order: {status} {text}"))),
+        }
+    }
+
+    /// The transaction as WeChat Pay knows it; `None` if it does not.
+    pub async fn query(&self, out_trade_no: &str) -> Result<Option<Transaction>, PayError> {
+        let path = format!(
+            "/v3/pay/transactions/out-trade-no/{out_trade_no}?mchid={}",
+            self.cfg.mchid
+        );
+        let (status, text) = self.call(reqwest::Method::GET, &path, None).await?;
+        match status {
+            200 => {
+                let t: Transaction = serde_json::from_str(&text).map_err(|_| {
+                    PayError::Invalid("query answer is not a transaction".to_owned())
+                })?;
+                self.check_merchant(&t)?;
+                Ok(Some(t))
+            }
+            404 => Ok(None),
+            _ => Err(PayError::Refused(format!("query: {status} {text}"))),
+        }
+    }
+
+    pub async fn close(&self, out_trade_no: &str) -> Result<(), PayError> {
+        let path = format!("/v3/pay/transactions/out-trade-no/{out_trade_no}/close");
+        let body = serde_json::json!({"mchid": self.cfg.mchid});
+        let (status, text) = self.call(reqwest::Method::POST, &path, Some(&body)).await?;
+        match status {
+            200 | 204 | 404 => Ok(()),
+            _ => Err(PayError::Refused(format!("close: {status} {text}"))),
+        }
+    }
+
+    pub async fn refund(
+        &self,
+        out_trade_no: &str,
+        out_refund_no: &str,
+        refund: i64,
+        total: i64,
+    ) -> Result<(), PayError> {
+        let body = serde_json::json!({
+            "out_trade_no": out_trade_no,
+            "out_refund_no": out_refund_no,
+            "amount": {"refund": refund, "total": total, "currency": "CNY"},
+        });
+        let (status, text) = self
+            .call(
+                reqwest::Method::POST,
+                "/v3/refund/domestic/refunds",
+                Some(&body),
+            )
+            .await?;
+        if status == 200 {
+            Ok(())
+        } else {
+            Err(PayError::Refused(format!("refund: {status} {text}")))
+        }
+    }
+}
