@@ -92,3 +92,59 @@ async fn readiness_fails_while_redis_is_unreachable() {
         .expect("healthz");
     assert_eq!(health.status(), 200);
 }
+
+#[tokio::test]
+async fn openapi_document_covers_the_contract() {
+    let db = TestDb::migrated().await;
+    let server = serve(config(&db)).await;
+    let doc: serde_json::Value = reqwest::get(format!("{}/v1/openapi.json", server.base))
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(doc["openapi"], "3.1.0");
+    // Every call of API.md's control-plane tables.
+    for (method, path) in [
+        ("post", "/v1/auth/register"),
+        ("post", "/v1/auth/login"),
+        ("post", "/v1/auth/refresh"),
+        ("post", "/v1/auth/logout"),
+        ("get", "/v1/me"),
+        ("get", "/.well-known/jwks.json"),
+        ("post", "/v1/api-keys"),
+        ("get", "/v1/api-keys"),
+        ("delete", "/v1/api-keys/{id}"),
+        ("get", "/v1/plans"),
+        ("get", "/v1/quota"),
+        ("get", "/v1/usage"),
+        ("post", "/v1/orders"),
+        ("get", "/v1/orders/{id}"),
+        ("get", "/v1/orders/{id}/qr.svg"),
+        ("post", "/v1/payments/alipay/notify"),
+        ("post", "/v1/payments/wechat/notify"),
+        ("get", "/v1/admin/users"),
+        ("patch", "/v1/admin/users/{id}"),
+        ("get", "/v1/admin/users/{id}/quota"),
+        ("post", "/v1/admin/users/{id}/grants"),
+        ("post", "/v1/admin/users/{id}/reset"),
+        ("post", "/v1/admin/apps"),
+        ("post", "/v1/admin/apps/{app}/quota-types"),
+        ("put", "/v1/admin/plans/{id}"),
+        ("get", "/healthz"),
+        ("get", "/readyz"),
+        ("get", "/metrics"),
+    ] {
+        let op = &doc["paths"][path][method];
+        assert!(
+            op.is_object(),
+            "{method} {path} missing from the OpenAPI document"
+        );
+        assert!(op["responses"].is_object());
+    }
+    assert_eq!(doc["paths"]["/v1/admin/users"]["get"]["x-access"], "admin");
+    assert_eq!(
+        doc["paths"]["/v1/me"]["get"]["security"][0],
+        serde_json::json!({"bearer": []})
+    );
+}

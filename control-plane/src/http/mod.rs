@@ -10,6 +10,7 @@ pub mod error;
 pub mod extract;
 mod internal;
 mod metering;
+pub mod openapi;
 mod ops;
 mod payments;
 
@@ -21,7 +22,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, patch, post, put};
+use axum::routing::get;
 use deadpool_postgres::Pool;
 use tollgate_common::request_id;
 
@@ -56,46 +57,72 @@ pub struct RequestId(pub String);
 #[derive(Clone)]
 struct RouteLabel(String);
 
+/// Registers every route and, from the same table, describes it for the OpenAPI document.
+macro_rules! api_routes {
+    ($router:expr; $( $method:ident $path:literal => $handler:path, $access:ident, $ok:literal $okdesc:literal, $summary:literal $(, query: [$($q:literal),*])? $(, body: $body:literal)? ; )*) => {{
+        let mut router = $router;
+        let mut ops = Vec::new();
+        $(
+            router = router.route($path, axum::routing::$method($handler));
+            ops.push(openapi::Op {
+                method: stringify!($method),
+                path: $path,
+                summary: $summary,
+                access: openapi::Access::$access,
+                ok: ($ok, $okdesc),
+                query: &[$($($q),*)?],
+                body: concat!("" $(, $body)?),
+            });
+        )*
+        (router, ops)
+    }};
+}
+
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit;
-    Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/.well-known/jwks.json", get(accounts::jwks))
-        .route("/v1/auth/register", post(accounts::register))
-        .route("/v1/auth/login", post(accounts::login))
-        .route("/v1/auth/refresh", post(accounts::refresh))
-        .route("/v1/auth/logout", post(accounts::logout))
-        .route("/v1/me", get(accounts::me))
-        .route("/v1/api-keys", post(api_keys::create).get(api_keys::list))
-        .route("/v1/api-keys/{id}", delete(api_keys::revoke))
-        .route("/v1/admin/users", get(admin::list_users))
-        .route("/v1/admin/users/{id}", patch(admin::patch_user))
-        .route("/v1/plans", get(metering::plans))
-        .route("/v1/quota", get(metering::quota))
-        .route("/v1/usage", get(metering::usage))
+    let (router, ops) = api_routes! { Router::new();
+        get "/healthz" => ops::healthz, Public, 200 "alive", "Liveness";
+        get "/readyz" => ops::readyz, Public, 200 "PostgreSQL and Redis reachable", "Readiness";
+        get "/metrics" => ops::metrics, Public, 200 "Prometheus text format", "Metrics";
+        get "/.well-known/jwks.json" => accounts::jwks, Public, 200 "JWK Set", "Keys that sign access tokens";
+        post "/v1/auth/register" => accounts::register, Public, 201 "Token response", "Create an account on the free plan", body: "{email, password}";
+        post "/v1/auth/login" => accounts::login, Public, 200 "Token response", "Log in", body: "{email, password}";
+        post "/v1/auth/refresh" => accounts::refresh, Public, 200 "Token response with a new refresh token", "Rotate a refresh token", body: "{refresh_token}";
+        post "/v1/auth/logout" => accounts::logout, Public, 204 "Logged out", "Revoke a login's refresh tokens", body: "{refresh_token}";
+        get "/v1/me" => accounts::me, User, 200 "User", "The caller";
+        post "/v1/api-keys" => api_keys::create, User, 201 "The key, shown once", "Create an API key", body: "{name, expires_at?}";
+        get "/v1/api-keys" => api_keys::list, User, 200 "{items}", "List API keys (no key material)";
+        delete "/v1/api-keys/{id}" => api_keys::revoke, User, 204 "Revoked everywhere", "Revoke an API key";
+        get "/v1/admin/users" => admin::list_users, Admin, 200 "{items, next_cursor}", "List and search users", query: ["email: substring, case-insensitive", "limit: 1-200", "cursor: from next_cursor"];
+        patch "/v1/admin/users/{id}" => admin::patch_user, Admin, 200 "User", "Disable or enable, promote or demote", body: "{status?, role?}";
+        get "/v1/plans" => metering::plans, Public, 200 "{items}", "Plans for sale";
+        get "/v1/quota" => metering::quota, User, 200 "Quota view", "The caller's plan and quotas for an app", query: ["app: app id"];
+        get "/v1/usage" => metering::usage, User, 200 "{items, next_cursor}", "The caller's usage, newest first", query: ["app", "type", "from: RFC 3339", "to: RFC 3339", "limit: 1-200", "cursor: from next_cursor"];
+        get "/v1/admin/users/{id}/quota" => metering::admin_user_quota, Admin, 200 "Quota view", "A user's quota view", query: ["app: app id"];
+        post "/v1/admin/users/{id}/grants" => metering::grant, Admin, 201 "The grant", "Add to a user's limit for the current window", body: "{app, type, amount, reason}";
+        post "/v1/admin/users/{id}/reset" => metering::reset, Admin, 204 "Reset", "Set the current window's used to 0", body: "{app, type}";
+        post "/v1/admin/apps" => metering::create_app, Admin, 201 "The app", "Register an app", body: "{id, name, time_zone?}";
+        post "/v1/admin/apps/{app}/quota-types" => metering::create_quota_type, Admin, 201 "The quota type", "Add a quota type to an app", body: "{key, name, unit, window}";
+        put "/v1/admin/plans/{id}" => metering::put_plan, Admin, 200 "The plan", "Create or replace a plan", body: "{name, price:{amount, currency}, period, public?, quotas:[{app, type, limit}]}";
+        post "/v1/orders" => payments::create, User, 201 "Order", "Order a plan (Idempotency-Key header accepted)", body: "{plan_id, channel}";
+        get "/v1/orders/{id}" => payments::get, User, 200 "Order", "An order (what a checkout page polls)";
+        get "/v1/orders/{id}/qr.svg" => payments::qr_svg, User, 200 "image/svg+xml", "QR code of a WeChat order's code_url";
+        get "/v1/orders/{id}/qr.png" => payments::qr_png, User, 200 "image/png", "QR code of a WeChat order's code_url";
+        post "/v1/payments/alipay/notify" => payments::alipay_notify, Gateway, 200 "success", "Alipay asynchronous notification (form, RSA2)";
+        post "/v1/payments/wechat/notify" => payments::wechat_notify, Gateway, 204 "Handled", "WeChat Pay v3 notification (signed, AES-256-GCM resource)";
+        post "/v1/admin/orders/{id}/refund" => payments::admin_refund, Admin, 200 "Order", "Refund a paid order in full";
+        get "/checkout" => payments::checkout, Public, 200 "text/html", "The checkout page";
+        post "/internal/users/{id}/sync" => internal::sync_user, Internal, 204 "Written", "A sidecar asks for a user's limits";
+    };
+    let document = std::sync::Arc::new(openapi::document(&ops, &state.config.public_url));
+    router
         .route(
-            "/v1/admin/users/{id}/quota",
-            get(metering::admin_user_quota),
+            "/v1/openapi.json",
+            get(move || {
+                let document = document.clone();
+                async move { axum::Json((*document).clone()) }
+            }),
         )
-        .route("/v1/admin/users/{id}/grants", post(metering::grant))
-        .route("/v1/admin/users/{id}/reset", post(metering::reset))
-        .route("/v1/admin/apps", post(metering::create_app))
-        .route(
-            "/v1/admin/apps/{app}/quota-types",
-            post(metering::create_quota_type),
-        )
-        .route("/v1/admin/plans/{id}", put(metering::put_plan))
-        .route("/v1/orders", post(payments::create))
-        .route("/v1/orders/{id}", get(payments::get))
-        .route("/v1/orders/{id}/qr.svg", get(payments::qr_svg))
-        .route("/v1/orders/{id}/qr.png", get(payments::qr_png))
-        .route("/v1/payments/alipay/notify", post(payments::alipay_notify))
-        .route("/v1/payments/wechat/notify", post(payments::wechat_notify))
-        .route("/v1/admin/orders/{id}/refund", post(payments::admin_refund))
-        .route("/checkout", get(payments::checkout))
-        .route("/internal/users/{id}/sync", post(internal::sync_user))
         // Inside routing, so the matched route template is known.
         .route_layer(middleware::from_fn(label_route))
         .fallback(not_found)
