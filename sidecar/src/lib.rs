@@ -209,6 +209,7 @@ pub async fn run(
         .pool_max_idle_per_host(256)
         .build(connector);
     let metrics = Arc::new(Metrics::new());
+    metrics.register_routes(table.routes.labels());
     let auth = Authenticator::new(
         http.clone(),
         &config.control_plane_url,
@@ -383,6 +384,7 @@ async fn reload_on_sighup(shared: Arc<Shared>) {
     while hangups.recv().await.is_some() {
         match load_table(&shared.config) {
             Ok(table) => {
+                shared.metrics.register_routes(table.routes.labels());
                 shared.table.store(Arc::new(table));
                 tracing::info!("routes file reloaded");
             }

@@ -91,6 +91,18 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        // Known label values exist from the start, so dashboards and alerts see zeros, not gaps.
+        for op in ["decide", "settle", "api key lookup", "note key use", "ping"] {
+            redis_errors.with_label_values(&[op]);
+        }
+        for c in ["token", "api_key", "api_key_negative"] {
+            for result in ["hit", "miss"] {
+                cache.with_label_values(&[c, result]);
+            }
+        }
+        for reason in ["app_error", "unreachable", "body_over_quota"] {
+            refunds.with_label_values(&[reason]);
+        }
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(decision_seconds.clone()),
@@ -113,6 +125,13 @@ impl Metrics {
             in_flight,
             fail_open,
             refunds,
+        }
+    }
+
+    /// Creates the per-route series of a routes table, so each route shows zeros before traffic.
+    pub fn register_routes<'a>(&self, labels: impl Iterator<Item = &'a str>) {
+        for label in labels {
+            self.fail_open.with_label_values(&[label]);
         }
     }
 

@@ -370,6 +370,14 @@ impl Routes {
         })
     }
 
+    /// Every route's metrics label, the fallback's included.
+    pub fn labels(&self) -> impl Iterator<Item = &str> {
+        self.routes
+            .iter()
+            .chain(std::iter::once(&self.fallback))
+            .map(|r| &*r.label)
+    }
+
     /// The first route that matches, in file order; the fallback if none does. `HEAD` is matched
     /// as `GET` (an app answers it with the same handler), and one trailing `/` is ignored.
     pub fn find(&self, method: &Method, path: &str) -> &Route {
