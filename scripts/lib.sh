@@ -576,6 +576,49 @@ cargo_bin_dir() {
     printf '%s\n' "$target_dir/$sub"
 }
 
+# --- promtool -------------------------------------------------------------------------------
+
+# ensure_promtool: sets PROMTOOL to a runnable promtool: the one on PATH, else the promtool binary
+# unpacked from Debian's `prometheus` package into target/tools (once; later runs reuse it).
+# Nothing is installed and no Prometheus server runs.
+ensure_promtool() {
+    if command -v promtool >/dev/null 2>&1; then
+        PROMTOOL=$(command -v promtool)
+        return 0
+    fi
+    local tools="$REPO/target/tools"
+    mkdir -p "$tools"
+    (
+        flock -w 600 9 || die "another run holds $tools/promtool.lock"
+        unpack_promtool "$tools/prometheus"
+    ) 9>"$tools/promtool.lock"
+    PROMTOOL="$tools/prometheus/usr/bin/promtool"
+    "$PROMTOOL" --version >/dev/null 2>&1 || die "$PROMTOOL does not run"
+}
+
+# unpack_promtool DIR: DIR/usr/bin/promtool from the `prometheus` .deb (`apt-get download`
+# needs no root; the package lists may need fetching first). Run it in a subshell (it sets an
+# EXIT trap) under promtool.lock.
+unpack_promtool() {
+    local target=$1 work deb
+    [[ -x "$target/usr/bin/promtool" ]] && "$target/usr/bin/promtool" --version >/dev/null 2>&1 && return 0
+    command -v apt-get >/dev/null 2>&1 || die "promtool not found, and no apt-get to fetch it: install promtool"
+    work=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-promtool.XXXXXX")
+    # shellcheck disable=SC2064
+    trap "rm -rf '$work'" EXIT
+    if ! (cd "$work" && apt-get download prometheus >/dev/null 2>&1); then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
+        (cd "$work" && apt-get download prometheus >&2) || die "apt-get download prometheus failed"
+    fi
+    deb=$(printf '%s\n' "$work"/prometheus_*.deb | head -n 1)
+    rm -rf "$target.tmp"
+    mkdir -p "$target.tmp"
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$target.tmp" ./usr/bin/promtool ||
+        die "could not unpack promtool from $deb"
+    rm -rf "$target"
+    mv "$target.tmp" "$target"
+}
+
 # --- processes ------------------------------------------------------------------------------
 
 # pid_alive PID: the process exists and is not a zombie (a zombie answers kill -0 but is gone).

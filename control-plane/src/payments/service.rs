@@ -51,13 +51,14 @@ fn read(path: &std::path::Path) -> Result<String, PayError> {
     std::fs::read_to_string(path).map_err(|e| PayError::Key(format!("{}: {e}", path.display())))
 }
 
-/// A new out_trade_no: `TG`, the UTC time to the second, and 18 random letters and digits —
-/// 34 characters of `[A-Za-z0-9]`, unique and not guessable.
+/// A new out_trade_no: `TG`, the UTC time to the second, and 16 random letters and digits —
+/// 32 characters of `[A-Za-z0-9]` (WeChat Pay allows at most 32, Alipay 64), unique and not
+/// guessable.
 pub fn new_order_id() -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     let mut rng = rand::rng();
-    let tail: String = (0..18)
+    let tail: String = (0..16)
         .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
         .collect();
     format!("TG{}{tail}", Utc::now().format("%Y%m%d%H%M%S"))
