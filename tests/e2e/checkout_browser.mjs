@@ -70,7 +70,7 @@ try {
     check(`${name}: the page shows the new plan`, plan === "Pro", plan);
     const rows = await page.locator("#quotas tr").count();
     check(`${name}: the new quotas are listed`, rows >= 4, String(rows));
-    const overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
+    const overflow = await page.evaluate((width) => document.documentElement.scrollWidth > width + 1, viewport.width);
     check(`${name}: nothing overflows the screen width`, !overflow);
     await page.screenshot({ path: `${shots}/${name}-3-paid.png`, fullPage: true });
     await context.close();
