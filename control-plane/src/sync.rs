@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use fred::interfaces::ClientLike;
+use fred::interfaces::{ClientLike, EventInterface};
 use fred::interfaces::{
     HashesInterface, KeysInterface, PubsubInterface, SortedSetsInterface, TransactionInterface,
 };
@@ -77,8 +77,10 @@ impl Syncer {
         let Some(state) = db::limits::user_state(&**client, id, chrono::Utc::now()).await? else {
             return Ok(false);
         };
-        self.write_user(&state).await?;
+        // Counters first: a sidecar admits nothing for this user until the hash exists, so no
+        // request can start a lost counter from zero before the ledger's figure is in.
         self.restore_counters(&state).await?;
+        self.write_user(&state).await?;
         self.publish(CacheEvent::User(id)).await?;
         Ok(true)
     }
@@ -264,8 +266,8 @@ impl Syncer {
             after = Some(last.0);
             for (id, ..) in &batch {
                 if let Some(state) = db::limits::user_state(&**client, *id, now).await? {
-                    self.write_user(&state).await?;
                     self.restore_counters(&state).await?;
+                    self.write_user(&state).await?;
                 }
             }
             users += batch.len();
@@ -364,6 +366,8 @@ impl Syncer {
     /// The background worker: reconcile at start, then drain the outbox when kicked or every
     /// half second, flush key use every 10 s, and reconcile again every `reconcile_every`.
     pub async fn run(self, reconcile_every: Duration) {
+        // A reconnect may be to an emptied or replaced Redis: reconcile again at once.
+        let mut reconnects = self.redis.reconnect_rx();
         let mut reconciled = false;
         let mut last_reconcile = tokio::time::Instant::now();
         let mut last_flush = tokio::time::Instant::now();
@@ -396,6 +400,12 @@ impl Syncer {
             tokio::select! {
                 () = self.kick.notified() => {},
                 () = tokio::time::sleep(Duration::from_millis(500)) => {},
+                reconnected = reconnects.recv() => {
+                    if reconnected.is_ok() {
+                        tracing::info!("redis reconnected; reconciling everything it should hold");
+                        reconciled = false;
+                    }
+                }
             }
         }
     }

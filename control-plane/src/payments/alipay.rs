@@ -299,6 +299,122 @@ impl Alipay {
 mod tests {
     use super::*;
 
+    fn client(alipay_public_key: &str, app_id: &str, seller_id: &str) -> Alipay {
+        use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+        let app_key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("key");
+        let app_pem = app_key.to_pkcs8_pem(LineEnding::LF).expect("pem");
+        Alipay::new(
+            AlipayConfig {
+                gateway_url: "https://openapi.alipay.com/gateway.do".to_owned(),
+                app_id: app_id.to_owned(),
+                seller_id: seller_id.to_owned(),
+                app_key: RsaSigner::from_pem(&app_pem).expect("signer"),
+                alipay_key: RsaVerifier::from_pem(alipay_public_key).expect("verifier"),
+                notify_url: "https://example.com/notify".to_owned(),
+                return_url: "https://example.com/return".to_owned(),
+            },
+            reqwest::Client::new(),
+        )
+    }
+
+    /// A real `trade_status_sync` notification and the Alipay public key that signed it, from
+    /// the official Node SDK's tests (alipay-sdk-nodejs-all `test/alipay.test.js`, "verify sign
+    /// should delete sign_type"). The key is given as the one-line base64 Alipay's console shows.
+    #[test]
+    fn a_real_alipay_notification_verifies_and_a_changed_amount_does_not() {
+        let alipay = client(
+            "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAqObrdC7hrgAVM98tK0nv3hSQRGGKT4lBsQjHiGjeYZjOPIPHR5knm2jnnz/YGIXIofVHkA/tAlBAd5DrY7YpvI4tP5EONLtZKC2ghBMx7McI2wRD0xiqzxOQr1FuhZGJ8/AUokBzJrzY+aGX2xcOrxFYRlFilvVLTXg4LWjR1tdPkO6+i7wQZAIVMClPkwVRZEbaERRHlKqTzv2gGv5rDU8gRoe1LeaN+6BlbTqHWkQcNCUNrA8C6l17XAXGKDsm/9TFWwO8EPHHHCaQdjtV5/FdcWIt+L8SR1ss7EXTjYDFtxcKVv9rEoY1lX8T4mX+GbXfZHraG5NCF1+XioL5JwIDAQAB",
+            "2019073166072302",
+            "2088531891668739",
+        );
+        let params: Vec<(&str, &str)> = vec![
+            ("gmt_create", "2019-08-15 15:37:55"),
+            ("charset", "utf-8"),
+            ("seller_email", "z97-yuquerevenue@service.aliyun.com"),
+            ("subject", "语雀空间 500人规模"),
+            (
+                "sign",
+                "QUxj7MQ0NQT++AyDbykzTw6iWflrgfY7EIssTaNfJaDkOHqZAFv3hbr97h+z/LCkmnqkBq+V81uHtb3q+i19W1B7FlMNfJB8XPSFD3xdHXEzvj9ccFTE9gxCEG+3oub4TeNe+rrOCt+3cfOFRh5jZzAiZbEZQem3ZMdhIHz/I6TVGNWuPOL4Wr56/Vjq57BLZUPKYpDo7DVfNEYeu0dZ76irMhE4a5FJ26c6qQu9gnG6NmKhtn+tSI6859RKF9bzptbM49klrliVnjBI4m6y7f329Ur9lecC/UlbIo3vKDFmcsLlADKu64FT5jjyRVaVQcP64khZdJwRdzrJ5QxxxQ==",
+            ),
+            ("buyer_id", "2088102534368455"),
+            ("invoice_amount", "0.10"),
+            ("notify_id", "2019081500222153759068450559621257"),
+            // As delivered: JSON text (the Node test holds it as an object and stringifies it).
+            (
+                "fund_bill_list",
+                r#"[{"amount":"0.10","fundChannel":"ALIPAYACCOUNT"}]"#,
+            ),
+            ("notify_type", "trade_status_sync"),
+            ("trade_status", "TRADE_SUCCESS"),
+            ("receipt_amount", "0.10"),
+            ("buyer_pay_amount", "0.10"),
+            ("app_id", "2019073166072302"),
+            ("sign_type", "RSA2"),
+            ("seller_id", "2088531891668739"),
+            ("gmt_payment", "2019-08-15 15:37:58"),
+            ("notify_time", "2019-08-15 15:37:59"),
+            ("version", "1.0"),
+            ("out_trade_no", "20190815153750722-564-55"),
+            ("total_amount", "0.10"),
+            ("trade_no", "2019081522001468450509133591"),
+            ("auth_app_id", "2019073166072302"),
+            ("buyer_logon_id", "xud***@126.com"),
+            ("point_amount", "0.00"),
+        ];
+        let body = serde_urlencoded::to_string(&params).expect("form");
+        let notify = alipay.verify_notify(body.as_bytes()).expect("verifies");
+        assert_eq!(notify.out_trade_no, "20190815153750722-564-55");
+        assert_eq!(notify.total_fen, 10);
+        assert!(notify.is_paid());
+        let forged = body.replace("total_amount=0.10", "total_amount=100.00");
+        assert!(matches!(
+            alipay.verify_notify(forged.as_bytes()),
+            Err(PayError::BadSignature)
+        ));
+        // Right signature, but for another merchant's app.
+        let other = client(
+            "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAqObrdC7hrgAVM98tK0nv3hSQRGGKT4lBsQjHiGjeYZjOPIPHR5knm2jnnz/YGIXIofVHkA/tAlBAd5DrY7YpvI4tP5EONLtZKC2ghBMx7McI2wRD0xiqzxOQr1FuhZGJ8/AUokBzJrzY+aGX2xcOrxFYRlFilvVLTXg4LWjR1tdPkO6+i7wQZAIVMClPkwVRZEbaERRHlKqTzv2gGv5rDU8gRoe1LeaN+6BlbTqHWkQcNCUNrA8C6l17XAXGKDsm/9TFWwO8EPHHHCaQdjtV5/FdcWIt+L8SR1ss7EXTjYDFtxcKVv9rEoY1lX8T4mX+GbXfZHraG5NCF1+XioL5JwIDAQAB",
+            "2021000000000001",
+            "2088531891668739",
+        );
+        assert!(matches!(
+            other.verify_notify(body.as_bytes()),
+            Err(PayError::Invalid(_))
+        ));
+    }
+
+    /// A real sync response from the Node SDK's tests (checkResponseSign "normal"): verified over
+    /// the raw bytes of the `…_response` value, `\/` escapes included; re-serialised, it fails.
+    #[test]
+    fn sync_responses_verify_over_the_raw_bytes() {
+        let alipay = client(
+            "-----BEGIN PUBLIC KEY-----
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA6kdjvWNCT+K3qQQgAyv+
+8k0+lkrL6+dA+cb9OAX5sZgIxP2ycK51VYxwZgZgHCIWCkB/l/Zqqhye/E6x/nNM
+SqRkW3FGpP4/hKWByG3Ah8DXRcUaAvd8aCWHcBpgZqjBp3ADPTcHViI10cGe0mn1
+3wGaIZQl6G74CtnY6YQJ/1NkoE+C9Z0VD4xor4oJOZW1/rbc85InBmjU87BWtxmk
+IQWWVw+Vwd0EL8oDU9GWNZ1Se9sZf4UHxs+goHh3/JhQly3iKqlt/hgFsip78kvd
+eDwoL8gS6RCUi+Bp6j9Ee5Thd+CC61Ilk7iKiUQMMVn6+kdTGcV2XwUBezH2Go4d
+lwIDAQAB
+-----END PUBLIC KEY-----",
+            "2019073166072302",
+            "2088531891668739",
+        );
+        let raw = r#"{"alipay_offline_material_image_upload_response":{"code":"10000","msg":"Success","image_id":"akGwYYaFTai3r1uB0ww-1QAAACMAAQQD","image_url":"https:\/\/oalipay-dl-django.alicdn.com\/rest\/1.0\/image?fileIds=akGwYYaFTai3r1uB0ww-1QAAACMAAQQD&zoom=original"},"sign":"PAb3IueJzGe/pU/fRAPjwIs543Kc/A6D0rz03AMejwr8h8rDc6FhDJDnz3fGLDdQP7ctjtQwwJW3pmdZZcGmp4lb/5YYgtoK6McjnRr4ER/raJLYn1IbpzkowhGow2esA/XeDblIAYUbZjU6ts0IqNncrZrCknDWHpaZXwGuaU7CUBk74xBeMeja7rEEkFlm9MRtiQNYnum/cGVtcDv/aQ8KkPyAD58oJiAzoXv0R6jFhlZtAWv+M0SaOlhTpZh1K6wlP+1Umiqdvqbc1oWdfpv75a+lGTkGHMy8K7/bnAGm20IRsisSv1B5rpJyeGfrVf6tb4MZ7vG4w0rS0c2hfA=="}"#;
+        let value = alipay
+            .verify_response("alipay.offline.material.image.upload", raw)
+            .expect("verifies");
+        assert_eq!(value["code"], "10000");
+        let reserialised: serde_json::Value = serde_json::from_str(raw).expect("json");
+        assert!(matches!(
+            alipay.verify_response(
+                "alipay.offline.material.image.upload",
+                &reserialised.to_string()
+            ),
+            Err(PayError::BadSignature)
+        ));
+    }
+
     #[test]
     fn the_signing_string_sorts_drops_empties_and_sign() {
         let params: BTreeMap<String, String> = [

@@ -63,7 +63,17 @@ impl RsaVerifier {
         let pem = if trimmed.starts_with("-----") {
             trimmed
         } else {
-            wrapped = format!("-----BEGIN PUBLIC KEY-----\n{trimmed}\n-----END PUBLIC KEY-----\n");
+            // The console shows the key as one base64 line; PEM wants 64-character lines.
+            let body: String = trimmed.chars().filter(|c| !c.is_whitespace()).collect();
+            let lines: Vec<&str> = body
+                .as_bytes()
+                .chunks(64)
+                .filter_map(|c| std::str::from_utf8(c).ok())
+                .collect();
+            wrapped = format!(
+                "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+                lines.join("\n")
+            );
             &wrapped
         };
         let key = RsaPublicKey::from_public_key_pem(pem)

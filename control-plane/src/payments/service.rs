@@ -71,6 +71,8 @@ impl Payments {
         metrics: Arc<Metrics>,
     ) -> Result<Payments, PayError> {
         let http = reqwest::Client::builder()
+            // WeChat Pay v3 refuses requests without a User-Agent.
+            .user_agent(concat!("tollgate/", env!("CARGO_PKG_VERSION")))
             .timeout(std::time::Duration::from_secs(15))
             .build()
             .map_err(|e| PayError::Key(format!("http client: {e}")))?;

@@ -347,3 +347,175 @@ impl Wechat {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey, LineEnding};
+
+    use super::*;
+
+    /// wechatpay-go's published test key (`utils/sign_test.go`, `core/notify/notify_test.go`).
+    const WECHATPAY_GO_TEST_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIIEvgIBADANBgkqhkiG9w0BAQEFAASCBKgwggSkAgEAAoIBAQDZUJN33V+dSfvd
+fL0Mu+39XrZNXFFMQSy1V15FpncHeV47SmV0TzTqZc7hHB0ddqAdDi8Z5k3TKqb7
+6sOwYr5TcAfuR6PIPaleyE0/0KrljBum2Isa2Nyq7Dgc3ElBQ6YN4l/a+DpvKaz1
+FSKmKrhLNskqokWVSlu4g8OlKlbPXQ9ibII14MZRQrrkTmHYHzfi7GXXM0thAKuR
+0HNvyhTHBh4/lrYM3GaMvmWwkwvsMavnOex6+eioZHBOb1/EIZ/LzC6zuHArPpyW
+3daGaZ1rtQB1vVzTyERAVVFsXXgBHvfFud3w3ShsJYk8JvMwK2RpJ5/gV0QSARcm
+LDRUAlPzAgMBAAECggEBAMc7rDeUaXiWv6bMGbZ3BTXpg1FhdddnWUnYE8HfX/km
+OFI7XtBHXcgYFpcjYz4D5787pcsk7ezPidAj58zqenuclmjKnUmT3pfbI5eCA2v4
+C9HnbYDrmUPK1ZcADtka4D6ScDccpNYNa1g2TFHzkIrEa6H+q7S3O2fqxY/DRVtN
+0JIXalBb8daaqL5QVzSmM2BMVnHy+YITJWIkP2a3pKs9C0W65JGDsnG0wVrHinHF
++cnhFZIbaPEI//DAFMc9NkrWOKVRTEgcCUxCFaHOZVNxDWZD7A2ZfJB2rK6eg//y
+gEiFDR2h6mTaDowMB4YF2n2dsIO4/dCG8vPHI20jn4ECgYEA/ZGu6lEMlO0XZnam
+AZGtiNgLcCfM/C2ZERZE7QTRPZH1WdK92Al9ndldsswFw4baJrJLCmghjF/iG4zi
+hhBvLnOLksnZUfjdumxoHDWXo2QBWbI5QsWIE7AuTiWgWj1I7X4fCXSQf6i+M/y2
+6TogQ7d0ANpZFyOkTNMn/tiJvLECgYEA22XqlamG/yfAGWery5KNH2DGlTIyd6xJ
+WtJ9j3jU99lZ0bCQ5xhiBbU9ImxCi3zgTsoqLWgA/p00HhNFNoUcTl9ofc0G3zwT
+D1y0ZzcnVKxGJdZ6ohW52V0hJStAigtjYAsUgjm7//FH7PiQDBDP1Wa6xSRkDQU/
+aSbQxvEE8+MCgYEA3bb8krW7opyM0XL9RHH0oqsFlVO30Oit5lrqebS0oHl3Zsr2
+ZGgoBlWBsEzk3UqUhTFwm/DhJLTSJ/TQPRkxnhQ5/mewNhS9C7yua7wQkzVmWN+V
+YeUGTvDGDF6qDz12/vJAgSwDDRym8x4NcXD5tTw7mmNRcwIfL22SkysThIECgYAV
+BgccoEoXWS/HP2/u6fQr9ZIR6eV8Ij5FPbZacTG3LlS1Cz5XZra95UgebFFUHHtC
+EY1JHJY7z8SWvTH8r3Su7eWNaIAoFBGffzqqSVazfm6aYZsOvRY6BfqPHT3p/H1h
+Tq6AbBffxrcltgvXnCTORjHPglU0CjSxVs7awW3AEQKBgB5WtaC8VLROM7rkfVIq
++RXqE5vtJfa3e3N7W3RqxKp4zHFAPfr82FK5CX2bppEaxY7SEZVvVInKDc5gKdG/
+jWNRBmvvftZhY59PILHO2X5vO4FXh7suEjy6VIh0gsnK36mmRboYIBGsNuDHjXLe
+BDa+8mDLkWu5nHEhOxy2JJZl
+-----END PRIVATE KEY-----";
+
+    fn wechat_with_go_key() -> Wechat {
+        let private = rsa::RsaPrivateKey::from_pkcs8_pem(WECHATPAY_GO_TEST_KEY).expect("key");
+        let public = private
+            .to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("pem");
+        Wechat::new(
+            WechatConfig {
+                api_base: "https://api.mch.weixin.qq.com".to_owned(),
+                mchid: "1234567890".to_owned(),
+                appid: "wx0000000000000001".to_owned(),
+                merchant_serial: "SERIAL".to_owned(),
+                merchant_key: RsaSigner::from_pem(WECHATPAY_GO_TEST_KEY).expect("signer"),
+                platform_keys: [(
+                    "PLATFORM".to_owned(),
+                    RsaVerifier::from_pem(&public).expect("verifier"),
+                )]
+                .into(),
+                apiv3_key: *b"0123456789abcdef0123456789abcdef",
+                notify_url: "https://example.com/notify".to_owned(),
+            },
+            reqwest::Client::new(),
+        )
+    }
+
+    /// wechatpay-go `utils/sign_test.go` TestSha256WithRsa: SHA256withRSA("source").
+    #[test]
+    fn signing_matches_the_wechatpay_go_vector() {
+        let expected = "BKyAfU4iMCuvXMXS0Wzam3V/cnxZ+JaqigPM5OhljS2iOT95OO6Fsuml2JkFANJU9K6q9bLlDhPXuoV\
+            z+pp4hAm6pHU4ld815U4jsKu1RkyaII+1CYBUYC8TK0XtJ8FwUXXz8vZHh58rrAVN1XwNyvD1vfpxrMT4SL536GLwvpUHlCqIMzoZUguLl\
+            i/K8V29QiOhuH6IEqLNJn8e9b3nwNcQ7be3CzYGpDAKBfDGPCqCv8Rw5zndhlffk2FEA70G4hvMwe51qMN/RAJbknXG23bSlObuTCN7Ndj\
+            1aJGH6/L+hdwfLpUtJm4QYVazzW7DFD27EpSQEqA8bX9+8m1rLg==";
+        let signer = RsaSigner::from_pem(WECHATPAY_GO_TEST_KEY).expect("signer");
+        assert_eq!(signer.sign(b"source"), expected);
+    }
+
+    /// wechatpay-go `core/notify/notify_test.go`: a real signed notification verifies over
+    /// `TIMESTAMP\nNONCE\nBODY\n`; another timestamp, a stale clock or a changed body does not.
+    #[test]
+    fn a_published_notification_verifies() {
+        let wechat = wechat_with_go_key();
+        let body = concat!(
+            "{",
+            "\"id\":\"3119dfba-e649-5eec-ab1e-3412bc4d2e17\",",
+            "\"create_time\":\"2021-06-24T16:37:26+08:00\",",
+            "\"resource_type\":\"encrypt-resource\",",
+            "\"event_type\":\"PAYSCORE.USER_OPEN_SERVICE\",",
+            "\"summary\":\"签约成功\",",
+            "\"resource\":{",
+            "\"original_type\":\"payscore\",",
+            "\"algorithm\":\"AEAD_AES_256_GCM\",",
+            "\"ciphertext\":\"YDS3lKPaC4Y52Gf3uhft5qUBlIa8b428AWTtTauHQfQrRw+X1WpiuHIDy0vo1Vd6VEq67aVyqPdDYMkRVSDaZL3iZt",
+            "tevRMOoPKMifozg6XPWjIZumks/GpT48lI4NizyeaqLBokNebthah3o1H76qSlO9NkDjp9bzmKLEYYH9TEklFUpsvPqOTOcgSLgh21YJXYR",
+            "7dEBXFgRLiNIKRgO5JdXh1hccRUAlyVWxE54PXpnQ==\",",
+            "\"associated_data\":\"payscore\",",
+            "\"nonce\":\"Kj7QIyUiYx1q\"}",
+            "}"
+        );
+        let signature = concat!(
+            "tJHIiIS9eB2hAYstmAmbbD3ZE5LiIm/Ug5tuL4fC0YOFRWIHV39UFIZXC0e9Wl6lBu6sKvkqDkzpqzBsVHyXF",
+            "lbYZTOQrVdG4b6LfTnK4mikv9++ixJMd3vTf2yCqvBkh98zs3Ds5zsYQakzbcwhmw4fMJs4nPLws28H0UW9FjDR//rxELLwXvV1VEA1I",
+            "BLX70xptjL8hrfUjEE8kkry6yNJTHZRU8CAc7qHli2Ng1V1qb9ARbK8A3ThmFmPQvRGrapI/jS2laKKgYUmfdEdkNO6B2Cke5e8VTxY4",
+            "06ArAmQ90GAihDwIcb16TQMnzCMBoutnwZKNiKRACrFmtxw2Q=="
+        );
+        let headers = |timestamp| SignedHeaders {
+            timestamp,
+            nonce: "EcZ9Cmy4Xyx1i6RlJQzLcCyEqDa26NBz",
+            signature,
+            serial: "PLATFORM",
+        };
+        let at = 1_624_523_846;
+        wechat
+            .verify(&headers("1624523846"), body.as_bytes(), at)
+            .expect("verifies");
+        assert!(
+            wechat
+                .verify(&headers("1624523847"), body.as_bytes(), at)
+                .is_err()
+        );
+        assert!(
+            wechat
+                .verify(
+                    &headers("1624523846"),
+                    body.replace("签约", "解约").as_bytes(),
+                    at
+                )
+                .is_err()
+        );
+        assert!(
+            wechat
+                .verify(&headers("1624523846"), body.as_bytes(), at + 301)
+                .is_err(),
+            "more than five minutes off"
+        );
+    }
+
+    #[test]
+    fn the_authorization_header_signs_the_canonical_request() {
+        let wechat = wechat_with_go_key();
+        let header = wechat.authorization(
+            "POST",
+            "/v3/pay/transactions/native",
+            "{\"a\":1}",
+            1_700_000_000,
+            "NONCE",
+        );
+        let signer = RsaSigner::from_pem(WECHATPAY_GO_TEST_KEY).expect("signer");
+        let expected =
+            signer.sign(b"POST\n/v3/pay/transactions/native\n1700000000\nNONCE\n{\"a\":1}\n");
+        assert!(header.starts_with("WECHATPAY2-SHA256-RSA2048 mchid=\"1234567890\",nonce_str=\"NONCE\",timestamp=\"1700000000\",serial_no=\"SERIAL\",signature=\""));
+        assert!(header.ends_with(&format!("signature=\"{expected}\"")));
+    }
+
+    #[test]
+    fn aes_256_gcm_round_trips_and_refuses_tampering() {
+        let key = *b"0123456789abcdef0123456789abcdef";
+        let ciphertext = Aes256Gcm::new((&key).into())
+            .encrypt(
+                Nonce::from_slice(b"abcdefghijkl"),
+                Payload {
+                    msg: b"{\"a\":1}",
+                    aad: b"transaction",
+                },
+            )
+            .expect("encrypt");
+        let b64 = STANDARD.encode(&ciphertext);
+        assert_eq!(
+            decrypt(&key, "abcdefghijkl", "transaction", &b64).expect("decrypts"),
+            b"{\"a\":1}"
+        );
+        assert!(decrypt(&key, "abcdefghijkl", "other", &b64).is_err());
+        assert!(decrypt(&key, "abcdefghijkm", "transaction", &b64).is_err());
+        assert!(decrypt(&key, "short", "transaction", &b64).is_err());
+    }
+}
