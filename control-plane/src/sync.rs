@@ -298,10 +298,10 @@ impl Syncer {
         };
         while let Some(mut page) = scan.try_next().await? {
             for key in page.take_results().unwrap_or_default() {
-                if let Some(name) = key.as_str() {
-                    if !live.contains(name) {
-                        stale.push(name.to_owned());
-                    }
+                if let Some(name) = key.as_str()
+                    && !live.contains(name)
+                {
+                    stale.push(name.to_owned());
                 }
             }
         }

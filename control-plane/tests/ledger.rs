@@ -53,10 +53,10 @@ fn spawn_control_plane(config: &tollgate_control_plane::config::Config, port: u1
 async fn wait_ready(base: &str) {
     let http = reqwest::Client::new();
     for _ in 0..200 {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

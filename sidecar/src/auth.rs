@@ -226,10 +226,8 @@ impl Authenticator {
             let last = self.last_refresh.lock().unwrap_or_else(|p| p.into_inner());
             last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
         };
-        if due {
-            if let Err(e) = self.refresh_jwks().await {
-                tracing::warn!(error = %e, "jwks refresh failed");
-            }
+        if due && let Err(e) = self.refresh_jwks().await {
+            tracing::warn!(error = %e, "jwks refresh failed");
         }
     }
 

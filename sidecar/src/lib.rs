@@ -233,10 +233,11 @@ pub async fn run(
         config: Arc::new(config),
     });
 
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(refresh_jwks(shared.clone())));
-    tasks.push(tokio::spawn(listen_for_invalidations(shared.clone(), keys)));
-    tasks.push(tokio::spawn(reload_on_sighup(shared.clone())));
+    let tasks = [
+        tokio::spawn(refresh_jwks(shared.clone())),
+        tokio::spawn(listen_for_invalidations(shared.clone(), keys)),
+        tokio::spawn(reload_on_sighup(shared.clone())),
+    ];
     tracing::info!(
         proxy = %listener.local_addr()?,
         admin = %admin.local_addr()?,

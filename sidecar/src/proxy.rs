@@ -539,20 +539,19 @@ fn respond(ctx: &Ctx, response: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let success = parts.status.is_success() || parts.status.is_redirection();
-    if success {
-        if let (Some((quota_type, _)), Some((_, charged))) = (&ctx.route.quota, ctx.charges.first())
-        {
-            let h = &mut parts.headers;
-            insert(h, "x-quota-type", quota_type);
-            insert(h, "x-quota-limit", &charged.limit.to_string());
-            insert(
-                h,
-                "x-quota-remaining",
-                &charged.remaining.max(0).to_string(),
-            );
-            if let Some(reset) = rfc3339_ms(charged.resets_at_ms) {
-                insert(h, "x-quota-reset", &reset);
-            }
+    if success
+        && let (Some((quota_type, _)), Some((_, charged))) = (&ctx.route.quota, ctx.charges.first())
+    {
+        let h = &mut parts.headers;
+        insert(h, "x-quota-type", quota_type);
+        insert(h, "x-quota-limit", &charged.limit.to_string());
+        insert(
+            h,
+            "x-quota-remaining",
+            &charged.remaining.max(0).to_string(),
+        );
+        if let Some(reset) = rfc3339_ms(charged.resets_at_ms) {
+            insert(h, "x-quota-reset", &reset);
         }
     }
     rate_limit_headers(&mut parts.headers, &ctx.rates);

@@ -242,12 +242,12 @@ impl Routes {
                 spec.app
             ));
         }
-        if let Some(upstream) = &spec.upstream {
-            if !upstream.starts_with("http://") || upstream.parse::<http::Uri>().is_err() {
-                problems.push(format!(
-                    "{origin}: upstream {upstream:?} must be an http:// URL"
-                ));
-            }
+        if let Some(upstream) = &spec.upstream
+            && (!upstream.starts_with("http://") || upstream.parse::<http::Uri>().is_err())
+        {
+            problems.push(format!(
+                "{origin}: upstream {upstream:?} must be an http:// URL"
+            ));
         }
         let time_zone = match spec.time_zone.as_deref() {
             None => chrono_tz::UTC,

@@ -79,11 +79,10 @@ async fn sighup_reloads_good_files_and_refuses_bad_ones() {
             .get(format!("http://127.0.0.1:{admin}/readyz"))
             .send()
             .await
+            && r.status() == 200
         {
-            if r.status() == 200 {
-                ready = true;
-                break;
-            }
+            ready = true;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -174,15 +174,14 @@ pub fn client_ip(
     peer: Option<SocketAddr>,
     trust_xff: bool,
 ) -> IpAddr {
-    if trust_xff {
-        if let Some(ip) = parts_headers
+    if trust_xff
+        && let Some(ip) = parts_headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit(',').next())
             .and_then(|v| v.trim().parse().ok())
-        {
-            return ip;
-        }
+    {
+        return ip;
     }
     peer.map_or(IpAddr::from([0, 0, 0, 0]), |p| p.ip())
 }

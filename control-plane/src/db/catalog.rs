@@ -168,15 +168,14 @@ pub async fn plans(
             r.get::<_, Option<String>>(7),
             r.get::<_, Option<i64>>(8),
             r.get::<_, Option<String>>(9),
-        ) {
-            if let Some(plan) = plans.last_mut() {
-                plan.quotas.push(PlanQuota {
-                    app,
-                    quota_type: key,
-                    limit,
-                    window,
-                });
-            }
+        ) && let Some(plan) = plans.last_mut()
+        {
+            plan.quotas.push(PlanQuota {
+                app,
+                quota_type: key,
+                limit,
+                window,
+            });
         }
     }
     Ok(plans)

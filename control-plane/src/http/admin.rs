@@ -69,15 +69,15 @@ pub async fn patch_user(
 ) -> Result<Json<User>, AppError> {
     auth.require_admin()?;
     let id = path_id(&id)?;
-    if let Some(status) = &body.status {
-        if !matches!(status.as_str(), "active" | "disabled") {
-            return Err(AppError::invalid("status must be active or disabled"));
-        }
+    if let Some(status) = &body.status
+        && !matches!(status.as_str(), "active" | "disabled")
+    {
+        return Err(AppError::invalid("status must be active or disabled"));
     }
-    if let Some(role) = &body.role {
-        if !matches!(role.as_str(), "user" | "admin") {
-            return Err(AppError::invalid("role must be user or admin"));
-        }
+    if let Some(role) = &body.role
+        && !matches!(role.as_str(), "user" | "admin")
+    {
+        return Err(AppError::invalid("role must be user or admin"));
     }
     if body.status.is_none() && body.role.is_none() {
         return Err(AppError::invalid(

@@ -197,10 +197,10 @@ pub async fn usage(
         .as_deref()
         .map(cursor::decode::<i64>)
         .transpose()?;
-    if let (Some(from), Some(to)) = (params.from, params.to) {
-        if from > to {
-            return Err(AppError::invalid("from must not be after to"));
-        }
+    if let (Some(from), Some(to)) = (params.from, params.to)
+        && from > to
+    {
+        return Err(AppError::invalid("from must not be after to"));
     }
     let client = state.db.get().await.map_err(DbError::from)?;
     let mut rows = db::usage::page(

@@ -137,10 +137,10 @@ impl Payments {
         idempotency_key: Option<&str>,
     ) -> Result<OrderRow, ServiceError> {
         let client = self.sync.db.get().await.map_err(DbError::from)?;
-        if let Some(key) = idempotency_key {
-            if let Some(existing) = db::orders::by_idempotency_key(&**client, user, key).await? {
-                return Ok(existing);
-            }
+        if let Some(key) = idempotency_key
+            && let Some(existing) = db::orders::by_idempotency_key(&**client, user, key).await?
+        {
+            return Ok(existing);
         }
         let plan = db::catalog::plan(&**client, plan_id)
             .await?

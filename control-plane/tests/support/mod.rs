@@ -351,10 +351,10 @@ pub async fn sidecar(
     });
     let http = reqwest::Client::new();
     for _ in 0..100 {
-        if let Ok(r) = http.get(format!("{admin_url}/readyz")).send().await {
-            if r.status() == 200 {
-                break;
-            }
+        if let Ok(r) = http.get(format!("{admin_url}/readyz")).send().await
+            && r.status() == 200
+        {
+            break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }

@@ -61,33 +61,40 @@ pub async fn run(
         .await
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (
-        status,
-        Json(json!({"error": {"code": code, "message": message}})),
-    )
-        .into_response()
+/// An error answer in Tollgate's error format.
+struct Problem(StatusCode, &'static str, &'static str);
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            Json(json!({"error": {"code": self.1, "message": self.2}})),
+        )
+            .into_response()
+    }
+}
+
+fn error(status: StatusCode, code: &'static str, message: &'static str) -> Response {
+    Problem(status, code, message).into_response()
 }
 
 /// The caller, as the sidecar vouches for it.
-fn user(headers: &HeaderMap) -> Result<String, Response> {
+fn user(headers: &HeaderMap) -> Result<String, Problem> {
     headers
         .get("x-user-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
         .map(str::to_owned)
-        .ok_or_else(|| {
-            error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "X-User-Id is missing: call this app through the Tollgate sidecar",
-            )
-        })
+        .ok_or(Problem(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "X-User-Id is missing: call this app through the Tollgate sidecar",
+        ))
 }
 
-fn check_patient(patient: &str) -> Result<(), Response> {
+fn check_patient(patient: &str) -> Result<(), Problem> {
     if patient == "fail" {
-        return Err(error(
+        return Err(Problem(
             StatusCode::INTERNAL_SERVER_ERROR,
             "analysis_failed",
             "the analysis failed (patient id `fail` always fails, to show refunds)",
@@ -99,7 +106,7 @@ fn check_patient(patient: &str) -> Result<(), Response> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
-        return Err(error(
+        return Err(Problem(
             StatusCode::BAD_REQUEST,
             "invalid_patient",
             "patient ids are 1-64 letters, digits, '-' or '_'",
@@ -150,47 +157,42 @@ async fn process(
     State(demo): State<Demo>,
     headers: HeaderMap,
     Path((patient, date)): Path<(String, String)>,
-) -> Response {
-    let run = || -> Result<Response, Response> {
-        let user = user(&headers)?;
-        check_patient(&patient)?;
-        let (slice, area, density) = measure(&[&patient, &date]);
-        let values = json!({"date": date, "l3_slice": slice, "skeletal_muscle_area_cm2": area, "muscle_density_hu": density});
-        Ok(Json(demo.record(&user, "full_process", &patient, values)).into_response())
-    };
-    run().unwrap_or_else(|e| e)
+) -> Result<Json<Value>, Problem> {
+    let user = user(&headers)?;
+    check_patient(&patient)?;
+    let (slice, area, density) = measure(&[&patient, &date]);
+    let values = json!({"date": date, "l3_slice": slice, "skeletal_muscle_area_cm2": area, "muscle_density_hu": density});
+    Ok(Json(demo.record(&user, "full_process", &patient, values)))
 }
 
-async fn l3(State(demo): State<Demo>, headers: HeaderMap, Path(patient): Path<String>) -> Response {
-    let run = || -> Result<Response, Response> {
-        let user = user(&headers)?;
-        check_patient(&patient)?;
-        let (slice, _, _) = measure(&[&patient]);
-        let values = json!({"l3_slice": slice});
-        Ok(Json(demo.record(&user, "l3_detect", &patient, values)).into_response())
-    };
-    run().unwrap_or_else(|e| e)
+async fn l3(
+    State(demo): State<Demo>,
+    headers: HeaderMap,
+    Path(patient): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    let user = user(&headers)?;
+    check_patient(&patient)?;
+    let (slice, _, _) = measure(&[&patient]);
+    let values = json!({"l3_slice": slice});
+    Ok(Json(demo.record(&user, "l3_detect", &patient, values)))
 }
 
 async fn muscle(
     State(demo): State<Demo>,
     headers: HeaderMap,
     Path(patient): Path<String>,
-) -> Response {
-    let run = || -> Result<Response, Response> {
-        let user = user(&headers)?;
-        check_patient(&patient)?;
-        let (_, area, density) = measure(&[&patient]);
-        let values = json!({"skeletal_muscle_area_cm2": area, "muscle_density_hu": density});
-        Ok(Json(demo.record(&user, "muscle_seg", &patient, values)).into_response())
-    };
-    run().unwrap_or_else(|e| e)
+) -> Result<Json<Value>, Problem> {
+    let user = user(&headers)?;
+    check_patient(&patient)?;
+    let (_, area, density) = measure(&[&patient]);
+    let values = json!({"skeletal_muscle_area_cm2": area, "muscle_density_hu": density});
+    Ok(Json(demo.record(&user, "muscle_seg", &patient, values)))
 }
 
 async fn upload(State(demo): State<Demo>, headers: HeaderMap, body: Bytes) -> Response {
     let user = match user(&headers) {
         Ok(user) => user,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     let id = uuid::Uuid::new_v4().to_string();
     let size = body.len();
@@ -215,7 +217,7 @@ async fn download(
 ) -> Response {
     let user = match user(&headers) {
         Ok(user) => user,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     let store = demo.store.lock().unwrap_or_else(|p| p.into_inner());
     match store.uploads.get(&id) {
@@ -236,7 +238,7 @@ async fn results(
 ) -> Response {
     let user = match user(&headers) {
         Ok(user) => user,
-        Err(e) => return e,
+        Err(e) => return e.into_response(),
     };
     let store = demo.store.lock().unwrap_or_else(|p| p.into_inner());
     let items: Vec<&Value> = store

@@ -27,6 +27,9 @@ use uuid::Uuid;
 
 pub const KID: &str = "sidecar-test-key";
 
+/// Users the fake control plane writes only when a sidecar asks, with their limits.
+type Pending = Arc<std::sync::Mutex<BTreeMap<Uuid, Vec<(String, i64, Window)>>>>;
+
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
@@ -52,7 +55,7 @@ pub struct ControlPlane {
     pub keys: Keys,
     encoding: EncodingKey,
     /// Users the fake control plane writes on a refill request, with their limits.
-    pending: Arc<std::sync::Mutex<BTreeMap<Uuid, Vec<(String, i64, Window)>>>>,
+    pending: Pending,
     pub refills: Arc<AtomicUsize>,
 }
 
@@ -61,7 +64,7 @@ struct CpState {
     jwks: Arc<Value>,
     redis: fred::clients::Client,
     keys: Keys,
-    pending: Arc<std::sync::Mutex<BTreeMap<Uuid, Vec<(String, i64, Window)>>>>,
+    pending: Pending,
     refills: Arc<AtomicUsize>,
 }
 
@@ -408,10 +411,10 @@ pub async fn start_sidecar(
     // Ready once the JWKS is loaded and Redis answers.
     let http = reqwest::Client::new();
     for _ in 0..100 {
-        if let Ok(r) = http.get(format!("{admin_url}/readyz")).send().await {
-            if r.status() == 200 {
-                break;
-            }
+        if let Ok(r) = http.get(format!("{admin_url}/readyz")).send().await
+            && r.status() == 200
+        {
+            break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
