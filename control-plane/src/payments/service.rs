@@ -24,6 +24,8 @@ pub struct Payments {
     pub sync: Syncer,
     pub metrics: Arc<Metrics>,
     pub order_ttl: chrono::Duration,
+    /// Orders pending this long are asked about at the gateway.
+    pub reconcile_after: chrono::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +125,7 @@ impl Payments {
             sync,
             metrics,
             order_ttl: chrono::Duration::milliseconds(config.order_ttl.0 as i64),
+            reconcile_after: chrono::Duration::seconds(60),
         })
     }
 
@@ -300,7 +303,9 @@ impl Payments {
     /// a payment that raced the close is not lost) and locally.
     pub async fn reconcile_once(&self) -> Result<usize, ServiceError> {
         let client = self.sync.db.get().await.map_err(DbError::from)?;
-        let pending = db::orders::pending_older_than(&**client, 60, 100).await?;
+        let pending =
+            db::orders::pending_older_than(&**client, self.reconcile_after.num_seconds(), 100)
+                .await?;
         drop(client);
         let mut changed = 0;
         for order in pending {
