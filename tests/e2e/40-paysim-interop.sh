@@ -10,14 +10,10 @@
 # database, no Redis, no fixed port: fresh keys and a free port in a temporary folder.
 set -euo pipefail
 
-REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)}
-# shellcheck source=scripts/lib.sh
-source "$REPO/scripts/lib.sh"
+# shellcheck source=tests/e2e/lib-e2e.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib-e2e.sh"
 
-VENV="$REPO/target/e2e-venv"
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-paysim-interop.XXXXXX")
 SIM_PID=""
-
 stop_sim() {
     if [[ -n "$SIM_PID" ]] && kill -0 "$SIM_PID" 2>/dev/null; then
         kill "$SIM_PID" 2>/dev/null || true
@@ -25,20 +21,8 @@ stop_sim() {
     fi
     SIM_PID=""
 }
-
-cleanup() {
-    local rc=$?
-    stop_sim
-    if [[ $rc -ne 0 && -s "$TMP/paysim.log" ]]; then
-        echo "---- last 40 lines of the simulator's log ----" >&2
-        tail -n 40 "$TMP/paysim.log" >&2 || true
-        echo "----" >&2
-    fi
-    rm -rf "$TMP"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+e2e_at_exit stop_sim
+e2e_fail_logs 40 "$E2E_TMP/paysim.log"
 
 # --- the simulator binary -------------------------------------------------------------------
 
@@ -57,44 +41,19 @@ command -v curl >/dev/null 2>&1 || apt_install curl
 
 # --- the merchant's SDKs --------------------------------------------------------------------
 
-venv_ready() {
-    [[ -x "$VENV/bin/python" ]] &&
-        "$VENV/bin/python" -c 'from alipay import AliPay; from wechatpayv3 import WeChatPay; import requests' >/dev/null 2>&1
-}
-
-ensure_venv() {
-    mkdir -p "$REPO/target"
-    # One creator at a time: other e2e scripts share this venv.
-    exec 8>"$REPO/target/e2e-venv.lock"
-    flock -w 600 8 || die "another run holds $REPO/target/e2e-venv.lock"
-    if ! venv_ready; then
-        if [[ ! -x "$VENV/bin/python" ]]; then
-            rm -rf "$VENV"
-            python3 -m venv "$VENV" >/dev/null 2>&1 || {
-                rm -rf "$VENV"
-                apt_install python3-venv
-                python3 -m venv "$VENV" || die "python3 -m venv failed"
-            }
-        fi
-        info "installing python-alipay-sdk and wechatpayv3 into $VENV"
-        "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-            python-alipay-sdk wechatpayv3 requests >&2 || die "pip install failed"
-        venv_ready || die "python-alipay-sdk / wechatpayv3 are not importable from $VENV"
-    fi
-    exec 8>&-
-}
-ensure_venv
+e2e_venv --check 'from alipay import AliPay; from wechatpayv3 import WeChatPay; import requests' \
+    python-alipay-sdk wechatpayv3 requests
 
 # --- keys and the simulator -----------------------------------------------------------------
 
-bash "$REPO/paysim/gen-keys.sh" "$TMP/keys"
+bash "$REPO/paysim/gen-keys.sh" "$E2E_TMP/keys"
 
 # A port found free can be taken before the simulator binds it: try a few.
 BASE=""
 for _ in 1 2 3; do
     port=$(free_port)
-    PAYSIM_LISTEN="127.0.0.1:$port" PAYSIM_KEYS_DIR="$TMP/keys" TOLLGATE_LOG_FORMAT=text \
-        "$BIN" >"$TMP/paysim.log" 2>&1 &
+    PAYSIM_LISTEN="127.0.0.1:$port" PAYSIM_KEYS_DIR="$E2E_TMP/keys" TOLLGATE_LOG_FORMAT=text \
+        "$BIN" >"$E2E_TMP/paysim.log" 2>&1 &
     SIM_PID=$!
     deadline=$((SECONDS + 20))
     while kill -0 "$SIM_PID" 2>/dev/null && [[ "$(http_code "http://127.0.0.1:$port/healthz")" != 200 ]]; do
@@ -108,10 +67,10 @@ for _ in 1 2 3; do
     stop_sim
 done
 [[ -n "$BASE" ]] || die "the simulator did not start (see its log above)"
-info "# tollgate-paysim at $BASE (keys $TMP/keys)"
+info "# tollgate-paysim at $BASE (keys $E2E_TMP/keys)"
 
 # python-alipay-sdk stamps `timestamp` with the local clock, which Alipay reads as Beijing time:
 # give the merchant process Beijing time (a POSIX TZ string, so no tzdata is needed). Requests
 # to this machine must not go through a developer's proxy.
 TZ=CST-8 NO_PROXY="127.0.0.1,localhost" no_proxy="127.0.0.1,localhost" \
-    timeout 300 "$VENV/bin/python" -u "$REPO/tests/e2e/paysim_interop.py" "$BASE" "$TMP/keys"
+    timeout 300 "$VENV/bin/python" -u "$REPO/tests/e2e/paysim_interop.py" "$BASE" "$E2E_TMP/keys"

@@ -3,6 +3,7 @@
 # (issue 6): register, order `pro`, pay at the simulator as the buyer would, the order turns
 # `paid`, /v1/quota shows `pro`, and the sidecar admits calls the free plan would refuse.
 set -euo pipefail
+# shellcheck source=tests/e2e/lib-stack.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib-stack.sh"
 
 ensure_tools

@@ -4,6 +4,7 @@
 # (issue 6). Chromium comes from Debian's packages and playwright-core from npm (no browser
 # download); both are installed when missing.
 set -euo pipefail
+# shellcheck source=tests/e2e/lib-stack.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib-stack.sh"
 
 ensure_tools

