@@ -32,6 +32,14 @@ impl Env for BTreeMap<String, String> {
     }
 }
 
+/// An environment given as pairs, for tests and tools that hand in their own.
+pub fn env_of(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
 /// A setting that must never reach a log line or a `Debug` dump: passwords, keys, URLs that may
 /// embed credentials.
 #[derive(Clone, PartialEq, Eq, Default)]

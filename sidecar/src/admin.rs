@@ -21,9 +21,24 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
+            let service = service_fn(move |request: Request<Incoming>| {
                 let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&shared, request).await) }
+                async move {
+                    // Every response of both programs carries a request id, these too.
+                    let id = tollgate_common::request_id::choose(
+                        request
+                            .headers()
+                            .get(tollgate_common::request_id::HEADER)
+                            .map(|v| v.as_bytes()),
+                    );
+                    let mut response = answer(&shared, request).await;
+                    if let Ok(value) = header::HeaderValue::from_str(&id) {
+                        response
+                            .headers_mut()
+                            .insert(tollgate_common::request_id::HEADER, value);
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)

@@ -8,6 +8,8 @@ use serde::Deserialize;
 use tollgate_common::config::{ConfigError, Env, LogFormat, Millis, Problems, Secret};
 
 pub const ENV_LISTEN: &str = "TOLLGATE_SIDECAR_LISTEN";
+/// Where the app is when neither the configuration nor the routes file says.
+pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:4200";
 pub const ENV_ADMIN_LISTEN: &str = "TOLLGATE_SIDECAR_ADMIN_LISTEN";
 pub const ENV_UPSTREAM: &str = "TOLLGATE_SIDECAR_UPSTREAM";
 pub const ENV_ROUTES: &str = "TOLLGATE_SIDECAR_ROUTES";
@@ -316,10 +318,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        tollgate_common::config::env_of(pairs)
     }
 
     #[test]

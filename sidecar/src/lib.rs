@@ -91,16 +91,12 @@ pub fn load_table(config: &Config) -> Result<Table, RunError> {
         source,
     })?;
     let routes = Routes::parse(&origin, &text)?;
+    // The configured upstream wins, then the routes file's, then the contract's default.
     let upstream = config
         .upstream
         .clone()
         .or_else(|| routes.upstream.clone())
-        .ok_or_else(|| {
-            RoutesError(vec![format!(
-                "{origin}: no upstream: set `upstream` here or {}",
-                config::ENV_UPSTREAM
-            )])
-        })?;
+        .unwrap_or_else(|| config::DEFAULT_UPSTREAM.to_owned());
     Ok(Table {
         routes,
         upstream: upstream.trim_end_matches('/').to_owned(),
