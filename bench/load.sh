@@ -22,6 +22,7 @@
 #   BENCH_DURATION [15]   seconds per measured run       BENCH_WARMUP [3]  seconds of warm-up
 #   BENCH_CONNECTIONS [32]  BENCH_THREADS [2]            BENCH_USERS [200] distinct users
 #   BENCH_PACE_MS [10]    pause per connection in the paced runs
+#   BENCH_NOISE_LIMIT [0.2]  cores other processes may use during a run before it is repeated
 #   BENCH_MAX_SECONDS [1800]  hard bound on every process this script starts
 #   DATABASE_URL [postgres://postgres@127.0.0.1:5432/tollgate]  server for the throwaway database
 #   BENCH_REDIS_URL       use this Redis instead of a private one (its commandstats then include
@@ -40,6 +41,9 @@ CONNS=${BENCH_CONNECTIONS:-32}
 THREADS=${BENCH_THREADS:-2}
 USERS=${BENCH_USERS:-200}
 PACE_MS=${BENCH_PACE_MS:-10}
+# A run during which processes outside the benchmark kept more than this many cores busy (a build,
+# another test suite) is measured again, up to three times; the quietest attempt is reported.
+NOISE_LIMIT=${BENCH_NOISE_LIMIT:-0.2}
 MAX_SECONDS=${BENCH_MAX_SECONDS:-1800}
 CP_PROFILE=${BENCH_CP_PROFILE:-dev}
 GRANT=100000000
@@ -384,7 +388,8 @@ snapshot() {
         echo "control_plane $(ticks "$cp_PID")"
         # shellcheck disable=SC2046 # pids
         echo "postgres $(ticks $(pgrep -x postgres))"
-        echo "machine $(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 }' /proc/stat)"
+        # process time (user, nice, system), all time, interrupts (irq + softirq), steal
+        echo "machine $(awk '/^cpu / { print $2 + $3 + $4, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $7 + $8, $9 }' /proc/stat)"
         echo "sidecar_ctx $(cat /proc/"$sidecar_PID"/task/*/status 2>/dev/null |
             awk '/ctxt_switches/ { n += $2 } END { print n + 0 }')"
         echo "wall_ns $(date +%s%N)"
@@ -427,12 +432,29 @@ wait_drained() {
 # nothing from it once the JWKS and the users' limits are loaded, and without the usage drain
 # competing for the two cores and for Redis the run shows what the sidecar itself costs.
 run_case() {
-    local name=$1 mode=$2 url=$3 creds=$4 pace=0 dir sampler note=""
+    local name=$1 mode=$2 url=$3 creds=$4 attempt best="" noise best_noise=""
+    for attempt in 1 2 3; do
+        measure_case "$name" "$mode" "$url" "$creds" "$attempt"
+        noise=$(jq -r .other_cores "$TMP/case.json")
+        if [[ -z $best ]] || awk -v a="$noise" -v b="$best_noise" 'BEGIN { exit !(a < b) }'; then
+            best=$(cat "$TMP/case.json")
+            best_noise=$noise
+        fi
+        awk -v n="$noise" -v t="$NOISE_LIMIT" 'BEGIN { exit !(n <= t) }' && break
+        log "$name/$mode: $noise cores were busy with processes not of this benchmark; measuring again"
+    done
+    jq -c --argjson attempts "$attempt" '. + {attempts: $attempts}' <<<"$best" >>"$TMP/results.jsonl"
+    tail -n 1 "$TMP/results.jsonl" | jq -r '"        \(.rps | floor) req/s, p50 \(.p50_ms) ms, p99 \(.p99_ms) ms, non-2xx \(.non_2xx), redis calls/admitted \(.sidecar_calls_per_admitted), not ours \(.other_cores) cores"' >&2
+}
+
+# measure_case NAME MODE URL CREDS ATTEMPT: one warm-up and one measured run → $TMP/case.json.
+measure_case() {
+    local name=$1 mode=$2 url=$3 creds=$4 attempt=$5 pace=0 dir sampler note=""
     if [[ $mode == paced ]]; then
         pace=$PACE_MS
-        note=" (each connection pausing ${pace} ms between requests)"
+        note=" (random pauses between requests, mean ${pace} ms per connection)"
     fi
-    dir="$TMP/runs/$name-$mode"
+    dir="$TMP/runs/$name-$mode-$attempt"
     mkdir -p "$dir"
     wait_drained
     start_app
@@ -443,8 +465,9 @@ run_case() {
     log "$name/$mode: warm-up ${WARMUP}s"
     BENCH_CREDS=$creds BENCH_PACE_MS=$pace wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" \
         -s "$BENCH/wrk.lua" "$url" >"$dir/warmup.txt" 2>&1
-    if [[ $name == api_key && $mode == max ]]; then
-        monitor_sample "$dir" "$url" "$creds"
+    if [[ $name == api_key && $mode == max && $attempt == 1 ]]; then
+        mkdir -p "$TMP/runs/monitor"
+        monitor_sample "$TMP/runs/monitor" "$url" "$creds"
     fi
     # The sidecar's resident set, twice a second, while wrk runs.
     (
@@ -470,8 +493,7 @@ run_case() {
         CP_STOPPED=0
     fi
     python3 "$BENCH/report.py" case --name "$name" --mode "$mode" --pace "$pace" --dir "$dir" \
-        --lua "$REPO/lua" >>"$TMP/results.jsonl"
-    tail -n 1 "$TMP/results.jsonl" | jq -r '"        \(.rps | floor) req/s, p50 \(.p50_ms) ms, p99 \(.p99_ms) ms, non-2xx \(.non_2xx), redis/admitted \(.sidecar_calls_per_admitted)"' >&2
+        --lua "$REPO/lua" >"$TMP/case.json"
 }
 
 # monitor_sample DIR URL CREDS: one second of MONITOR under load, each command attributed to the
@@ -522,14 +544,17 @@ fi
 
 # --- report -----------------------------------------------------------------------------------
 
-python3 "$BENCH/report.py" write --results "$TMP/results.jsonl" --out "$BENCH/RESULTS.md" \
-    --runs "$TMP/runs" --profile "$PROFILE" \
-    --meta "duration=$DURATION" "warmup=$WARMUP" "connections=$CONNS" "threads=$THREADS" \
+META=("duration=$DURATION" "warmup=$WARMUP" "connections=$CONNS" "threads=$THREADS" \
     "users=$USERS" "pace_ms=$PACE_MS" "grant=$GRANT" "rss_after_kb=$RSS_IDLE_KB" \
     "nginx=$(nginx -v 2>&1 | sed 's/.*nginx\///')" "wrk=$(wrk -v 2>&1 | head -n 1 | awk '{ print $2 }')" \
     "redis=$(redis-cli -u "$REDIS_URL" info server | tr -d '\r' | awk -F: '$1 == "redis_version" { print $2 }')" \
-    "redis_private=$([[ -n "${BENCH_REDIS_URL:-}" ]] && echo no || echo yes)" "cp_profile=$CP_PROFILE" \
+    "redis_private=$([[ -n "${BENCH_REDIS_URL:-}" ]] && echo no || echo yes)" "cp_profile=$CP_PROFILE" "noise_limit=$NOISE_LIMIT" \
     "postgres=$(psql -tA "$PG_ADMIN_URL" -c 'show server_version' 2>/dev/null | awk '{ print $1 }')" \
     "rustc=$(rustc --version | awk '{ print $2 }')" \
     "commit=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null)$(cd "$REPO" && git diff --quiet HEAD 2>/dev/null || echo '+changes')"
+)
+# Kept with the runs, so that the report can be written again from them (BENCH_KEEP=1).
+printf '%s\n' "${META[@]}" >"$TMP/meta.txt"
+python3 "$BENCH/report.py" write --results "$TMP/results.jsonl" --out "$BENCH/RESULTS.md" \
+    --runs "$TMP/runs" --profile "$PROFILE" --meta "${META[@]}"
 log "wrote $BENCH/RESULTS.md"

@@ -3,8 +3,10 @@
 --
 -- BENCH_CREDS    a file with one header per line ("Authorization: Bearer ...", "X-API-Key: ...",
 --                or "X-User-Id: ..." for the app and nginx, which have no authentication)
--- BENCH_PACE_MS  if set and > 0, each connection waits this long between its requests (an
---                offered load below saturation, for latency); unset: as fast as possible
+-- BENCH_PACE_MS  if set and > 0, each connection waits a random time between its requests,
+--                exponentially distributed with this mean (in whole ms, as wrk takes it), so
+--                the connections do not fall into step and the arrivals are close to Poisson:
+--                an offered load below saturation, for latency. Unset: as fast as possible.
 --
 -- The requests are formatted once in init(), so wrk spends as little CPU as it can per request:
 -- it shares the machine with what it measures. done() prints one machine-readable line.
@@ -32,6 +34,7 @@ function init(args)
   if i == 0 then error("no credentials in " .. tostring(path)) end
   -- Threads start at different users.
   counter = (thread_index or 0) * math.floor(i / 2)
+  math.randomseed(os.time() * 100 + (thread_index or 0))
 end
 
 function request()
@@ -41,7 +44,7 @@ end
 
 if pace > 0 then
   function delay()
-    return pace
+    return math.floor(-math.log(1 - math.random()) * pace + 0.5)
   end
 end
 
