@@ -7,7 +7,12 @@
 -- KEYS[1]                 the user's hash: status, tva, plan, q:<app>:<type> = "<limit>|<window>"
 -- KEYS[2]                 the shard's usage stream
 -- KEYS[3 .. 2+nq]         one counter hash per quota: u = used, w = window start (ms)
--- KEYS[3+nq .. 2+nq+nr]   one GCRA state key per rate limit (theoretical arrival time, ms)
+-- KEYS[3+nq .. 2+nq+nr]   one GCRA state key per rate limit (theoretical arrival time, ms,
+--                         kept to the microsecond so rates above 1,000/s stay exact)
+-- KEYS[3+nq+nr]           the request's settle marker, "d|<taken>|<window start>|<entry id>|…"
+--                         per quota, written when costs are taken, so that settle.lua gives back
+--                         exactly what this call took (a client that timed out waiting for this
+--                         answer can settle blindly)
 --
 -- ARGV[1]   now (ms since the epoch)
 -- ARGV[2]   the access token's iat (s), or 0 for API keys
@@ -88,6 +93,7 @@ end
 
 -- Every check passed: apply.
 local out = { "ok", head[3] or "" }
+local marker = { "d" }
 for i = 1, nq do
   local q = quotas[i]
   redis.call("HSET", q.key, "u", int(q.used + q.take), "w", int(q.start))
@@ -101,6 +107,9 @@ for i = 1, nq do
     entry = redis.call("XADD", KEYS[2], "*", "k", "use", "e", q.event, "u", user, "a", app,
       "t", q.qtype, "n", int(q.take), "m", method, "p", path, "ts", now)
   end
+  table.insert(marker, int(q.take))
+  table.insert(marker, int(q.start))
+  table.insert(marker, entry)
   local left = q.limit - q.used - q.take
   table.insert(out, int(q.limit))
   table.insert(out, int(left))
@@ -109,9 +118,13 @@ for i = 1, nq do
   table.insert(out, int(q.start))
   table.insert(out, entry)
 end
+if nq > 0 then
+  -- What was taken, where, and which events were appended: settle.lua gives back exactly this.
+  redis.call("SET", KEYS[3 + nq + nr], table.concat(marker, "|"), "PX", 86400000)
+end
 for i = 1, nr do
   local r = rates[i]
-  redis.call("SET", r.key, int(math.ceil(r.new_tat)), "PX", int(math.ceil(r.new_tat - now) + 1000))
+  redis.call("SET", r.key, string.format("%.3f", r.new_tat), "PX", int(math.ceil(r.new_tat - now) + 1000))
   local remaining = math.floor((r.burst * r.interval - (r.new_tat - now)) / r.interval)
   table.insert(out, int(remaining))
   table.insert(out, int(math.ceil(r.new_tat - now)))

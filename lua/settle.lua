@@ -7,23 +7,33 @@
 --   reserved beyond the actual size and append the usage event with the actual amount.
 --
 -- KEYS[1]          the shard's usage stream
--- KEYS[2]          the request's settle marker (makes settling idempotent)
+-- KEYS[2]          the request's settle marker: decide.lua writes "d|<taken>|<window start>|
+--                  <entry id>|…" (one triple per quota) when it takes costs; settling replaces it
+--                  with "s", so a request is settled at most once, and one whose decision never
+--                  ran (a timed-out call) gives nothing back. What is given back comes from the
+--                  marker, not from the caller.
 -- KEYS[3 .. 2+n]   the quota counters decide.lua charged
 --
 -- ARGV[1] mode    ARGV[2] user   ARGV[3] app   ARGV[4] method   ARGV[5] path   ARGV[6] now (ms)
 -- ARGV[7] n
--- then n groups of 6: quota type, amount taken, window start (ms), stream entry id ("" if none),
---                     event id, actual amount (commit only)
+-- then n groups of 6: quota type, (unused), (unused), (unused), event id, actual amount (commit)
 --
--- Returns 1 if it settled now, 0 if this request was already settled.
+-- Returns 1 if it settled now, 0 if there was nothing to settle (never decided, or settled).
 
-if redis.call("SET", KEYS[2], "1", "NX", "PX", 86400000) == false then return 0 end
+local marker = redis.call("GET", KEYS[2])
+if not marker or string.sub(marker, 1, 1) ~= "d" then return 0 end
+redis.call("SET", KEYS[2], "s", "PX", 86400000)
+local recorded = {}
+for field in string.gmatch(marker .. "|", "([^|]*)|") do table.insert(recorded, field) end
 local mode = ARGV[1]
 local user, app, method, path, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local n = tonumber(ARGV[7])
 for i = 1, n do
   local a = 7 + (i - 1) * 6
-  local qtype, taken, start, entry, event = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local qtype, event = ARGV[a + 1], ARGV[a + 5]
+  local taken = tonumber(recorded[2 + (i - 1) * 3] or "0")
+  local start = recorded[3 + (i - 1) * 3] or "-1"
+  local entry = recorded[4 + (i - 1) * 3] or ""
   local actual = tonumber(ARGV[a + 6] or "0")
   local back = taken
   if mode == "commit" then back = taken - actual end

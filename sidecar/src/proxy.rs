@@ -99,7 +99,28 @@ pub struct Ctx {
     pub path: String,
 }
 
+/// Runs one request to the end on a task of its own: if the client goes away mid-request, hyper
+/// drops this future, but the decision is still settled and logged.
 pub async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let task = tokio::spawn(serve(shared, request, peer));
+    match task.await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "request task failed");
+            let mut response = Response::new(full_body(
+                ErrorBody::new("internal", "internal error").to_json(),
+            ));
+            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            response
+        }
+    }
+}
+
+async fn serve(
     shared: Arc<Shared>,
     mut request: Request<Incoming>,
     peer: SocketAddr,
@@ -254,8 +275,13 @@ async fn decide(
             reserve,
         });
     }
+    let settle_id = charges
+        .first()
+        .map(|c| c.event_id.to_string())
+        .unwrap_or_default();
     let input = DecideInput {
         user: identity.user,
+        request: &settle_id,
         iat: identity.iat,
         app: &ctx.app,
         method: &ctx.method,
@@ -273,6 +299,19 @@ async fn decide(
         Ok(decision) => decision,
         Err(e) => {
             shared.metrics.redis_errors.with_label_values(&[e.op]).inc();
+            if !charges.is_empty() && e.is_transient() {
+                // The script may have run although its answer never came: give back whatever it
+                // took (settle.lua does nothing if it did not run).
+                undo_unanswered(
+                    shared,
+                    identity.user,
+                    &ctx.app,
+                    &ctx.method,
+                    &ctx.path,
+                    &settle_id,
+                    &charges,
+                );
+            }
             if shared.config.fail_mode == FailMode::Open && e.is_transient() {
                 shared
                     .metrics
@@ -327,6 +366,61 @@ async fn decide(
             Ok(())
         }
     }
+}
+
+/// Refunds, in the background, a decision whose answer was lost: settle.lua gives back what the
+/// decision's marker says it took, and nothing if it never ran.
+fn undo_unanswered(
+    shared: &Shared,
+    user: Uuid,
+    app: &str,
+    method: &str,
+    path: &str,
+    settle_id: &str,
+    charges: &[Charge<'_>],
+) {
+    let store = shared.store.clone();
+    let now = chrono::Utc::now();
+    let owned: Vec<(String, Uuid, Charged)> = charges
+        .iter()
+        .map(|c| (c.quota_type.to_owned(), c.event_id, Charged::default()))
+        .collect();
+    let (app, method, path, settle_id) = (
+        app.to_owned(),
+        method.to_owned(),
+        path.to_owned(),
+        settle_id.to_owned(),
+    );
+    tokio::spawn(async move {
+        let items: Vec<SettleItem<'_>> = owned
+            .iter()
+            .map(|(quota_type, event_id, charged)| SettleItem {
+                quota_type,
+                charged,
+                event_id: *event_id,
+                actual: 0,
+            })
+            .collect();
+        let input = SettleInput {
+            refund: true,
+            user,
+            request_id: &settle_id,
+            app: &app,
+            method: &method,
+            path: &path,
+            now,
+            items: &items,
+        };
+        for _ in 0..3 {
+            match store.settle(&input).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not undo an unanswered decision yet");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

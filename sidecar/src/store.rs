@@ -56,6 +56,7 @@ pub struct Store {
 }
 
 /// One quota a request is charged.
+#[derive(Clone, Copy)]
 pub struct Charge<'a> {
     pub quota_type: &'a str,
     pub cost: u64,
@@ -64,8 +65,11 @@ pub struct Charge<'a> {
     pub reserve: bool,
 }
 
+#[derive(Clone, Copy)]
 pub struct DecideInput<'a> {
     pub user: Uuid,
+    /// The sidecar's own id of this request (settle.lua's marker).
+    pub request: &'a str,
     /// The access token's issued-at (s), or 0 for API keys.
     pub iat: i64,
     pub app: &'a str,
@@ -174,6 +178,7 @@ impl Store {
         for rate in input.rates {
             keys.push(self.keys.rate(user, input.app, &rate.name));
         }
+        keys.push(self.keys.settled(user, input.request));
         let mut args: Vec<String> =
             Vec::with_capacity(20 + 4 * (input.charges.len() + input.rates.len()));
         args.push(input.now.timestamp_millis().to_string());
