@@ -27,18 +27,21 @@ pub async fn record(
     events: &[Event],
     refunds: &[Uuid],
 ) -> Result<u64, DbError> {
-    // Per-event advisory locks serialise an event with its refund across replicas; taken in a
-    // fixed order so two batches never deadlock.
-    let mut ids: Vec<Uuid> = events
+    // Advisory locks serialise an event with its refund across replicas: one lock per bucket
+    // of event ids (at most 256 per transaction, however large the batch, so PostgreSQL's lock
+    // table never fills), taken in a fixed order so two batches never deadlock.
+    let mut buckets: Vec<i32> = events
         .iter()
         .map(|e| e.event_id)
         .chain(refunds.iter().copied())
+        .map(|id| (id.as_u128() % 256) as i32)
         .collect();
-    ids.sort();
-    ids.dedup();
+    buckets.sort_unstable();
+    buckets.dedup();
+    // A plain scan of the sorted array takes the locks in its order.
     tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended(id::text, 0)) FROM unnest($1::uuid[]) AS t(id) ORDER BY id",
-        &[&ids],
+        "SELECT pg_advisory_xact_lock(7478, b) FROM unnest($1::int4[]) AS t(b)",
+        &[&buckets],
     )
     .await
     .map_err(DbError::op("lock usage events"))?;
