@@ -347,14 +347,17 @@ fn bench_decide(c: &mut Criterion, fx: &Fixture) {
     let mut group = c.benchmark_group("decide");
     group.bench_function("l3", |b| {
         b.to_async(&fx.rt).iter(|| async {
+            let event_id = Uuid::new_v4();
+            let request = event_id.to_string();
             let charges = [Charge {
                 quota_type: "api_calls_l3_detect",
                 cost: 1,
-                event_id: Uuid::new_v4(),
+                event_id,
                 reserve: false,
             }];
             let input = DecideInput {
                 user,
+                request: &request,
                 iat: 0,
                 app: "idoctor",
                 method: "POST",
