@@ -148,6 +148,32 @@ impl Problems {
     }
 }
 
+/// The Redis key prefix both programs share (default `tg`): 1-32 letters, digits, `_` or `-`.
+pub fn redis_prefix(problems: &mut Problems, value: Option<String>) -> String {
+    let prefix = value.unwrap_or_else(|| "tg".to_owned());
+    if prefix.is_empty()
+        || prefix.len() > 32
+        || !prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        problems.push(
+            "redis_prefix",
+            format_args!("{prefix:?} must be 1-32 letters, digits, '_' or '-'"),
+        );
+    }
+    prefix
+}
+
+/// A tracing filter directive (default `info`), checked the way the log set-up will parse it.
+pub fn log_filter(problems: &mut Problems, value: Option<String>) -> String {
+    let filter = value.unwrap_or_else(|| "info".to_owned());
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&filter) {
+        problems.push("log", format_args!("{filter:?} is not a filter: {e}"));
+    }
+    filter
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()
         .iter()

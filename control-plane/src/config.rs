@@ -317,18 +317,7 @@ impl Config {
                 format_args!("not a Redis URL: {}", e.details()),
             );
         }
-        let redis_prefix = layer.redis_prefix.unwrap_or_else(|| "tg".to_owned());
-        if redis_prefix.is_empty()
-            || redis_prefix.len() > 32
-            || !redis_prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
-            problems.push(
-                "redis_prefix",
-                format_args!("{redis_prefix:?} must be 1-32 letters, digits, '_' or '-'"),
-            );
-        }
+        let redis_prefix = tollgate_common::config::redis_prefix(problems, layer.redis_prefix);
         let public_url = layer
             .public_url
             .unwrap_or_else(|| format!("http://{listen}"))
@@ -354,10 +343,7 @@ impl Config {
                 format_args!("{db_pool_size} is outside 1..=512"),
             );
         }
-        let log_filter = layer.log.unwrap_or_else(|| "info".to_owned());
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log_filter) {
-            problems.push("log", format_args!("{log_filter:?} is not a filter: {e}"));
-        }
+        let log_filter = tollgate_common::config::log_filter(problems, layer.log);
         if layer.jwt_private_key.is_some() != layer.jwt_kid.is_some() {
             problems.push(
                 "jwt_kid",

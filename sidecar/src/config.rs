@@ -248,18 +248,7 @@ impl Config {
                 format_args!("not a Redis URL: {}", e.details()),
             );
         }
-        let redis_prefix = layer.redis_prefix.unwrap_or_else(|| "tg".to_owned());
-        if redis_prefix.is_empty()
-            || redis_prefix.len() > 32
-            || !redis_prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
-            problems.push(
-                "redis_prefix",
-                format_args!("{redis_prefix:?} must be 1-32 letters, digits, '_' or '-'"),
-            );
-        }
+        let redis_prefix = tollgate_common::config::redis_prefix(problems, layer.redis_prefix);
         let redis_timeout = layer.redis_timeout.unwrap_or(Millis(50));
         if !(1..=10_000).contains(&redis_timeout.0) {
             problems.push(
@@ -274,10 +263,7 @@ impl Config {
                 format_args!("{max_header_bytes} is outside 1024..=1048576"),
             );
         }
-        let log_filter = layer.log.unwrap_or_else(|| "info".to_owned());
-        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&log_filter) {
-            problems.push("log", format_args!("{log_filter:?} is not a filter: {e}"));
-        }
+        let log_filter = tollgate_common::config::log_filter(problems, layer.log);
         for (setting, value) in [
             ("upstream_timeout", layer.upstream_timeout),
             ("connect_timeout", layer.connect_timeout),
