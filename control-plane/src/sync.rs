@@ -32,6 +32,13 @@ pub enum SyncError {
     Redis(#[from] fred::error::Error),
 }
 
+/// The hex of a stored key hash (32 bytes), as the Redis key schema names it.
+fn api_key_hex(hash: &[u8]) -> String {
+    <[u8; 32]>::try_from(hash)
+        .map(|h| api_key::hex(&h))
+        .unwrap_or_default()
+}
+
 #[derive(Clone)]
 pub struct Syncer {
     pub db: Pool,
@@ -305,13 +312,30 @@ impl Syncer {
                 }
             }
         }
+        // A key created after the live list was read is in Redis but not in the list: ask
+        // PostgreSQL about each one again, by the key id its record names, so that a record of a
+        // live key is never removed (its row commits before its record is written).
+        let mut removed = 0usize;
         for name in &stale {
-            self.redis.del::<(), _>(name.as_str()).await?;
+            let key_id: Option<String> = self
+                .redis
+                .hget(name.as_str(), api_key_field::KEY_ID)
+                .await?;
+            let still_live = match key_id.and_then(|id| id.parse::<Uuid>().ok()) {
+                Some(id) => db::api_keys::for_sync(&**client, id)
+                    .await?
+                    .is_some_and(|k| k.live && self.keys.api_key(&api_key_hex(&k.hash)) == *name),
+                None => false,
+            };
+            if !still_live {
+                self.redis.del::<(), _>(name.as_str()).await?;
+                removed += 1;
+            }
         }
         tracing::info!(
             users,
             api_keys = live.len(),
-            removed = stale.len(),
+            removed,
             "reconciled redis from postgres"
         );
         Ok(())

@@ -86,16 +86,18 @@ pub async fn register(
         .transaction()
         .await
         .map_err(DbError::op("begin register"))?;
-    let user = match db::users::create(&tx, &email, &hash, "user").await {
-        Ok(user) => user,
-        Err(e) if e.unique_violation() == Some(db::users::EMAIL_UNIQUE) => {
-            return Err(AppError::conflict(
-                "email_taken",
-                "an account with this email already exists",
-            ));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let user = db::users::create(&tx, &email, &hash, "user")
+        .await
+        .map_err(|e| {
+            AppError::from_db(
+                e,
+                &[(
+                    db::users::EMAIL_UNIQUE,
+                    "email_taken",
+                    "an account with this email already exists",
+                )],
+            )
+        })?;
     db::outbox::enqueue(&*tx, Topic::User, &user.id.to_string()).await?;
     let response = issue_session(&state, &tx, user).await?;
     tx.commit().await.map_err(DbError::op("commit register"))?;

@@ -97,6 +97,20 @@ impl AppError {
     }
 }
 
+impl AppError {
+    /// The one mapping of unique-constraint violations to `409`: `conflicts` names, per
+    /// constraint, the error code and message; any other failure keeps its own mapping.
+    pub fn from_db(e: DbError, conflicts: &[(&str, &'static str, &str)]) -> AppError {
+        match e.unique_violation() {
+            Some(constraint) => match conflicts.iter().find(|(c, _, _)| *c == constraint) {
+                Some((_, code, message)) => AppError::conflict(code, *message),
+                None => e.into(),
+            },
+            None => e.into(),
+        }
+    }
+}
+
 impl From<DbError> for AppError {
     fn from(e: DbError) -> Self {
         match &e {

@@ -419,17 +419,14 @@ pub async fn create_app(
         ));
     }
     let client = state.db.get().await.map_err(DbError::from)?;
-    let created_at =
-        match db::catalog::create_app(&**client, &body.id, body.name.trim(), &time_zone).await {
-            Ok(t) => t,
-            Err(e) if e.unique_violation() == Some("apps_pkey") => {
-                return Err(AppError::conflict(
-                    "app_exists",
-                    "an app with this id exists",
-                ));
-            }
-            Err(e) => return Err(e.into()),
-        };
+    let created_at = db::catalog::create_app(&**client, &body.id, body.name.trim(), &time_zone)
+        .await
+        .map_err(|e| {
+            AppError::from_db(
+                e,
+                &[("apps_pkey", "app_exists", "an app with this id exists")],
+            )
+        })?;
     db::audit::record(
         &**client,
         auth.id,
@@ -481,7 +478,7 @@ pub async fn create_quota_type(
     if !db::catalog::app_exists(&**client, &app).await? {
         return Err(AppError::not_found("no such app"));
     }
-    match db::catalog::create_quota_type(
+    db::catalog::create_quota_type(
         &**client,
         &app,
         &body.key,
@@ -490,16 +487,16 @@ pub async fn create_quota_type(
         &body.window,
     )
     .await
-    {
-        Ok(_) => {}
-        Err(e) if e.unique_violation() == Some("quota_types_app_id_key_key") => {
-            return Err(AppError::conflict(
+    .map_err(|e| {
+        AppError::from_db(
+            e,
+            &[(
+                "quota_types_app_id_key_key",
                 "quota_type_exists",
                 "this app already has a quota type with this key",
-            ));
-        }
-        Err(e) => return Err(e.into()),
-    }
+            )],
+        )
+    })?;
     db::audit::record(
         &**client,
         auth.id,
