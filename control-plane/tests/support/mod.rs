@@ -151,7 +151,33 @@ pub fn config_with(db: &TestDb, extra: &[(&str, &str)]) -> Config {
 /// A running control plane on 127.0.0.1:0; stops when the returned sender is dropped.
 pub struct Server {
     pub base: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    redis_url: String,
+    prefix: String,
+}
+
+impl Drop for Server {
+    /// Stops the server, then deletes the keys it made under the test's prefix (its usage
+    /// streams and consumer groups included) and nothing else.
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let (url, prefix) = (self.redis_url.clone(), self.prefix.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                // Let the server's workers stop before their keys go.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                let redis = redis_at(&url).await;
+                delete_prefix(&redis, &prefix).await;
+            });
+        })
+        .join();
+    }
 }
 
 pub async fn serve(config: Config) -> Server {
@@ -163,6 +189,8 @@ pub async fn serve(config: Config) -> Server {
         .await
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let redis_url = config.redis_url.expose().to_owned();
+    let prefix = config.redis_prefix.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let shutdown = async move {
@@ -172,7 +200,12 @@ pub async fn serve(config: Config) -> Server {
             panic!("control plane failed: {e}");
         }
     });
-    Server { base, _stop: stop }
+    Server {
+        base,
+        stop: Some(stop),
+        redis_url,
+        prefix,
+    }
 }
 
 /// A small JSON client for tests.
