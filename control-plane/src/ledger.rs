@@ -19,7 +19,7 @@ use crate::redis::RedisClient;
 
 pub const GROUP: &str = "tollgate-ledger";
 /// Entries pending this long with a consumer are presumed orphaned and claimed.
-const CLAIM_IDLE_MS: u64 = 15_000;
+const CLAIM_IDLE_MS: u64 = 5_000;
 const BATCH: u64 = 500;
 const PARALLEL: usize = 64;
 
