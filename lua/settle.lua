@@ -16,7 +16,7 @@
 --
 -- ARGV[1] mode    ARGV[2] user   ARGV[3] app   ARGV[4] method   ARGV[5] path   ARGV[6] now (ms)
 -- ARGV[7] n
--- then n groups of 6: quota type, (unused), (unused), (unused), event id, actual amount (commit)
+-- then n groups of 3: quota type, event id, actual amount (commit only)
 --
 -- Returns 1 if it settled now, 0 if there was nothing to settle (never decided, or settled).
 
@@ -29,12 +29,12 @@ local mode = ARGV[1]
 local user, app, method, path, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local n = tonumber(ARGV[7])
 for i = 1, n do
-  local a = 7 + (i - 1) * 6
-  local qtype, event = ARGV[a + 1], ARGV[a + 5]
+  local a = 7 + (i - 1) * 3
+  local qtype, event = ARGV[a + 1], ARGV[a + 2]
   local taken = tonumber(recorded[2 + (i - 1) * 3] or "0")
   local start = recorded[3 + (i - 1) * 3] or "-1"
   local entry = recorded[4 + (i - 1) * 3] or ""
-  local actual = tonumber(ARGV[a + 6] or "0")
+  local actual = tonumber(ARGV[a + 3] or "0")
   local back = taken
   if mode == "commit" then back = taken - actual end
   local key = KEYS[2 + i]

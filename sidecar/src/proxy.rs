@@ -381,9 +381,9 @@ fn undo_unanswered(
 ) {
     let store = shared.store.clone();
     let now = chrono::Utc::now();
-    let owned: Vec<(String, Uuid, Charged)> = charges
+    let owned: Vec<(String, Uuid)> = charges
         .iter()
-        .map(|c| (c.quota_type.to_owned(), c.event_id, Charged::default()))
+        .map(|c| (c.quota_type.to_owned(), c.event_id))
         .collect();
     let (app, method, path, settle_id) = (
         app.to_owned(),
@@ -394,9 +394,8 @@ fn undo_unanswered(
     tokio::spawn(async move {
         let items: Vec<SettleItem<'_>> = owned
             .iter()
-            .map(|(quota_type, event_id, charged)| SettleItem {
+            .map(|(quota_type, event_id)| SettleItem {
                 quota_type,
-                charged,
                 event_id: *event_id,
                 actual: 0,
             })
@@ -560,9 +559,8 @@ async fn settle(
             let items: Vec<SettleItem<'_>> = ctx
                 .charges
                 .iter()
-                .map(|(event_id, charged)| SettleItem {
+                .map(|(event_id, _)| SettleItem {
                     quota_type: ctx.route.quota.as_ref().map_or("", |(q, _)| q),
-                    charged,
                     event_id: *event_id,
                     actual,
                 })

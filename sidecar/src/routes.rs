@@ -88,7 +88,8 @@ enum Segment {
 #[derive(Debug, Clone)]
 pub struct Route {
     method: Option<Method>,
-    segments: Vec<Segment>,
+    /// Shared, so the per-request copy of a route allocates nothing.
+    segments: Arc<[Segment]>,
     /// `METHOD /pattern`, the metrics label.
     pub label: Arc<str>,
     pub public: bool,
@@ -344,7 +345,7 @@ impl Routes {
             };
             routes.push(Route {
                 method,
-                segments,
+                segments: segments.into(),
                 label: format!("{} {}", r.method.to_ascii_uppercase(), r.path).into(),
                 public: r.public,
                 quota,
@@ -361,7 +362,7 @@ impl Routes {
             routes,
             fallback: Route {
                 method: None,
-                segments: Vec::new(),
+                segments: Arc::from([]),
                 label: "unmatched".into(),
                 public: false,
                 quota: None,
@@ -444,7 +445,7 @@ impl Route {
             return false;
         };
         let mut parts = rest.split('/');
-        for segment in &self.segments {
+        for segment in self.segments.iter() {
             match segment {
                 Segment::Rest => return true,
                 Segment::Literal(lit) => {

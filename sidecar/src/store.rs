@@ -239,9 +239,6 @@ impl Store {
         ];
         for item in input.items {
             args.push(item.quota_type.to_owned());
-            args.push(item.charged.taken.to_string());
-            args.push(item.charged.window_start_ms.to_string());
-            args.push(item.charged.entry_id.clone());
             args.push(item.event_id.to_string());
             args.push(item.actual.to_string());
         }
@@ -288,7 +285,6 @@ impl Store {
 
 pub struct SettleItem<'a> {
     pub quota_type: &'a str,
-    pub charged: &'a Charged,
     pub event_id: Uuid,
     /// The real amount, for `commit`.
     pub actual: u64,

@@ -8,9 +8,7 @@ use fred::interfaces::ClientLike;
 use support::ControlPlane;
 use tollgate_common::window::Window::Month;
 use tollgate_sidecar::routes::RateLimit;
-use tollgate_sidecar::store::{
-    Charge, Charged, DecideInput, Decision, SettleInput, SettleItem, Store,
-};
+use tollgate_sidecar::store::{Charge, DecideInput, Decision, SettleInput, SettleItem, Store};
 use uuid::Uuid;
 
 async fn store(cp: &ControlPlane) -> Store {
@@ -91,12 +89,10 @@ async fn blind_settling_gives_back_exactly_what_was_taken_once() {
     assert_eq!(cp.used(user, "api_calls_l3_detect").await, 3);
     assert_eq!(cp.events(user).await.len(), 1);
 
-    // The caller knows nothing of what was taken (its answer was lost): zeros.
-    let unknown = Charged::default();
+    // The caller knows nothing of what was taken (its answer was lost).
     let settle = |request_id: &str| {
         let items = [SettleItem {
             quota_type: "api_calls_l3_detect",
-            charged: &unknown,
             event_id: event,
             actual: 0,
         }];
