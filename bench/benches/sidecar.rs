@@ -343,29 +343,31 @@ fn bench_decide(c: &mut Criterion, fx: &Fixture) {
         rate: 1000,
         period_ms: 1000,
         burst: 1_000_000_000,
+        field: user_field::rate("idoctor", "per-second"),
     }];
+    let quota = routes
+        .find(&Method::POST, "/l3/p-1234")
+        .quota
+        .clone()
+        .expect("metered");
+    let windows = tollgate_common::window::BoundsCache::new(routes.time_zone);
     let mut group = c.benchmark_group("decide");
     group.bench_function("l3", |b| {
         b.to_async(&fx.rt).iter(|| async {
-            let event_id = Uuid::new_v4();
-            let request = event_id.to_string();
-            let charges = [Charge {
-                quota_type: "api_calls_l3_detect",
-                cost: 1,
-                event_id,
-                reserve: false,
-            }];
+            let settle_id = format!("{:016x}", Uuid::new_v4().as_u64_pair().0);
             let input = DecideInput {
                 user,
-                request: &request,
+                settle_id: &settle_id,
                 iat: 0,
-                app: "idoctor",
-                method: "POST",
-                path: "/l3/p-1234",
-                charges: &charges,
+                charge: Some(Charge {
+                    quota: &quota,
+                    cost: 1,
+                    reserve: false,
+                }),
                 rates: &rates,
-                now: chrono::Utc::now(),
-                time_zone: routes.time_zone,
+                now_ms: chrono::Utc::now().timestamp_millis(),
+                marker_ttl_ms: 10_000,
+                windows: &windows,
             };
             let decision = fx.store.decide(&input).await.expect("redis answers");
             assert!(

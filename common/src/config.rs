@@ -208,9 +208,10 @@ impl FromStr for Millis {
             "s" => 1_000,
             "m" => 60_000,
             "h" => 3_600_000,
+            "d" => 86_400_000,
             other => {
                 return Err(format!(
-                    "unknown duration unit {other:?} (use ms, s, m or h)"
+                    "unknown duration unit {other:?} (use ms, s, m, h or d)"
                 ));
             }
         };

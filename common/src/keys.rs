@@ -1,16 +1,22 @@
 //! The Redis key schema: every key either program reads or writes is built here and nowhere else.
 //!
 //! Every key a single Lua script touches must hash to one Redis Cluster slot, so per-user state is
-//! tagged with the user's shard, `{s:<n>}` with n = user id mod [`SHARDS`]: one user's limits,
-//! counters and rate-limit state, and the usage stream of that shard, all live in one slot.
+//! tagged with the user's shard, `{s:<n>}` with n = user id mod [`SHARDS`]: one user's hash
+//! (limits, counters, rate-limit state), its requests' settle markers and the shard's usage
+//! buckets all live in one slot.
 
 use uuid::Uuid;
 
-/// Number of shards users are spread over; each has one usage stream.
+/// Number of shards users are spread over; each has one usage bucket a minute.
 pub const SHARDS: u16 = 1024;
 
-/// Fields of a user's hash (`Keys::user`).
+/// Fields of a user's hash (`Keys::user`). Everything one decision reads about a user is in this
+/// one hash, so `lua/decide.lua` reads it with a single HMGET and writes it with a single HSET.
+/// The prefixes below are the ones the Lua scripts build nothing from: the sidecar passes whole
+/// field names, made here.
 pub mod user_field {
+    use crate::window::Window;
+
     /// `active` or `disabled`.
     pub const STATUS: &str = "status";
     /// `user` or `admin`.
@@ -19,16 +25,104 @@ pub mod user_field {
     pub const TOKENS_VALID_AFTER: &str = "tva";
     /// The current plan's id (forwarded to the app as `X-Plan`).
     pub const PLAN: &str = "plan";
+    /// Prefix of a quota's effective limit field, written by the control plane.
+    pub const QUOTA_PREFIX: &str = "q:";
+    /// Prefix of a quota's counter field, written by the scripts.
+    pub const COUNTER_PREFIX: &str = "c:";
+    /// Prefix of a rate limit's GCRA state field, written by `decide.lua`.
+    pub const RATE_PREFIX: &str = "r:";
 
     /// The field holding one quota's effective limit and window: `"<limit>|<window>"`.
     pub fn quota(app: &str, quota_type: &str) -> String {
-        format!("q:{app}:{quota_type}")
+        format!("{QUOTA_PREFIX}{app}:{quota_type}")
     }
 
     /// The value of a quota field.
-    pub fn quota_value(limit: i64, window: crate::window::Window) -> String {
+    pub fn quota_value(limit: i64, window: Window) -> String {
         format!("{limit}|{}", window.as_str())
     }
+
+    /// The field counting one quota's use: `"<used>|<window start, ms>"`. A counter of an
+    /// earlier window means nothing is used in the current one yet.
+    pub fn counter(app: &str, quota_type: &str) -> String {
+        format!("{COUNTER_PREFIX}{app}:{quota_type}")
+    }
+
+    /// The value of a counter field.
+    pub fn counter_value(used: i64, window_start_ms: i64) -> String {
+        format!("{used}|{window_start_ms}")
+    }
+
+    /// `(used, window start ms)` of a counter field's value.
+    pub fn parse_counter(value: &str) -> Option<(i64, i64)> {
+        let (used, start) = value.split_once('|')?;
+        Some((used.parse().ok()?, start.parse().ok()?))
+    }
+
+    /// The field holding one rate limit's GCRA state (theoretical arrival time, ms, kept to the
+    /// microsecond) for one app.
+    pub fn rate(app: &str, rule: &str) -> String {
+        format!("{RATE_PREFIX}{app}:{rule}")
+    }
+}
+
+/// Fields of a shard's usage bucket (`Keys::bucket`): per user, app, quota type and route, the
+/// amount taken (`a:`) and the calls that took it (`n:`) in one minute.
+pub mod bucket_field {
+    use uuid::Uuid;
+
+    pub const AMOUNT_PREFIX: &str = "a:";
+    pub const CALLS_PREFIX: &str = "n:";
+    /// Set by `lua/drain_claim.lua` on a bucket being drained: the id of the drain pass that
+    /// staged it.
+    pub const STAGED_BY: &str = "_id";
+
+    /// What follows the user in a bucket field: `<app>|<quota type>|<route>`. A sidecar builds
+    /// it once per route; the scripts prepend the prefix and the user.
+    pub fn suffix(app: &str, quota_type: &str, route: &str) -> String {
+        format!("{app}|{quota_type}|{route}")
+    }
+
+    /// One parsed bucket field.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Field<'a> {
+        /// `true` for the amount, `false` for the calls.
+        pub amount: bool,
+        pub user: Uuid,
+        pub app: &'a str,
+        pub quota_type: &'a str,
+        pub route: &'a str,
+    }
+
+    /// Parses `a:<user>|<app>|<type>|<route>` or `n:…`; `None` for anything else (the staging
+    /// id included).
+    pub fn parse(field: &str) -> Option<Field<'_>> {
+        let (amount, rest) = if let Some(rest) = field.strip_prefix(AMOUNT_PREFIX) {
+            (true, rest)
+        } else {
+            (false, field.strip_prefix(CALLS_PREFIX)?)
+        };
+        let mut parts = rest.splitn(4, '|');
+        let user = parts.next()?.parse().ok()?;
+        let app = parts.next()?;
+        let quota_type = parts.next()?;
+        let route = parts.next()?;
+        Some(Field {
+            amount,
+            user,
+            app,
+            quota_type,
+            route,
+        })
+    }
+}
+
+/// Length of a usage bucket, ms.
+pub const BUCKET_MS: i64 = 60_000;
+
+/// The start (ms) of the usage bucket holding an instant (ms).
+pub fn bucket_start(ms: i64) -> i64 {
+    ms.div_euclid(BUCKET_MS) * BUCKET_MS
 }
 
 /// Fields of an API key's hash (`Keys::api_key`).
@@ -66,32 +160,22 @@ impl Keys {
         format!("{}:{{s:{}}}:u:{user}", self.prefix, shard(user))
     }
 
-    /// A user's counter for one quota type: `u` (used) and `w` (window start, ms).
-    pub fn counter(&self, user: Uuid, app: &str, quota_type: &str) -> String {
-        format!(
-            "{}:{{s:{}}}:c:{user}:{app}:{quota_type}",
-            self.prefix,
-            shard(user)
-        )
+    /// A shard's usage bucket for the minute starting at `minute_ms` (see [`bucket_field`]).
+    /// Sidecars add to it; the control plane drains it once the minute has closed.
+    pub fn bucket(&self, shard: u16, minute_ms: i64) -> String {
+        format!("{}:{{s:{shard}}}:b:{minute_ms}", self.prefix)
     }
 
-    /// A user's GCRA state for one rate limit of one app.
-    pub fn rate(&self, user: Uuid, app: &str, rule: &str) -> String {
-        format!(
-            "{}:{{s:{}}}:r:{user}:{app}:{rule}",
-            self.prefix,
-            shard(user)
-        )
+    /// The bucket being drained: `lua/drain_claim.lua` renames a closed bucket to this, so that
+    /// late writes start a new bucket instead of changing what is being recorded.
+    pub fn bucket_staging(&self, shard: u16, minute_ms: i64) -> String {
+        format!("{}:{{s:{shard}}}:b:{minute_ms}:d", self.prefix)
     }
 
-    /// The usage stream of a shard; the control plane drains all [`SHARDS`] of them.
-    pub fn usage_stream(&self, shard: u16) -> String {
-        format!("{}:{{s:{shard}}}:usage", self.prefix)
-    }
-
-    /// Marks one request as settled (refunded or committed), so settling twice is harmless.
-    pub fn settled(&self, user: Uuid, request: &str) -> String {
-        format!("{}:{{s:{}}}:settled:{request}", self.prefix, shard(user))
+    /// One admitted request's settle marker: what `decide.lua` took, so that `settle.lua` gives
+    /// back exactly that, once. It lives for the sidecar's settle window only.
+    pub fn marker(&self, user: Uuid, request: &str) -> String {
+        format!("{}:{{s:{}}}:m:{request}", self.prefix, shard(user))
     }
 
     /// An API key's hash, by the hex of the key's SHA-256.
@@ -183,13 +267,51 @@ mod tests {
         let user = Uuid::new_v4();
         let tag = hash_tag(&keys.user(user)).to_owned();
         for key in [
-            keys.counter(user, "idoctor", "storage_bytes"),
-            keys.rate(user, "idoctor", "per-second"),
-            keys.usage_stream(shard(user)),
-            keys.settled(user, "req-1"),
+            keys.bucket(shard(user), 1_700_000_040_000),
+            keys.bucket_staging(shard(user), 1_700_000_040_000),
+            keys.marker(user, "req-1"),
         ] {
             assert_eq!(hash_tag(&key), tag, "{key}");
         }
+    }
+
+    #[test]
+    fn counter_values_round_trip() {
+        assert_eq!(
+            user_field::parse_counter(&user_field::counter_value(42, 1_700_000_000_000)),
+            Some((42, 1_700_000_000_000))
+        );
+        assert_eq!(user_field::parse_counter("x|1"), None);
+        assert_eq!(user_field::parse_counter("7"), None);
+    }
+
+    #[test]
+    fn bucket_fields_parse() {
+        let user = Uuid::new_v4();
+        let suffix = bucket_field::suffix("idoctor", "storage_bytes", "POST /a|b/{x}");
+        let field = format!("{}{user}|{suffix}", bucket_field::AMOUNT_PREFIX);
+        assert_eq!(
+            bucket_field::parse(&field),
+            Some(bucket_field::Field {
+                amount: true,
+                user,
+                app: "idoctor",
+                quota_type: "storage_bytes",
+                route: "POST /a|b/{x}",
+            })
+        );
+        let calls = format!("{}{user}|{suffix}", bucket_field::CALLS_PREFIX);
+        assert!(!bucket_field::parse(&calls).expect("calls").amount);
+        for bad in [
+            bucket_field::STAGED_BY,
+            "a:not-a-uuid|x|y|z",
+            "a:x",
+            "z:abc",
+        ] {
+            assert_eq!(bucket_field::parse(bad), None, "{bad}");
+        }
+        assert_eq!(bucket_start(1_700_000_059_999), 1_700_000_040_000);
+        assert_eq!(bucket_start(-1), -60_000);
     }
 
     #[test]

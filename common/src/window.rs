@@ -116,6 +116,56 @@ pub fn bounds(window: Window, now: DateTime<Utc>, tz: Tz) -> Bounds {
     }
 }
 
+/// The current window of each kind in one time zone, as ms since the epoch, computed once per
+/// window instead of once per request (the sidecar asks for every metered decision).
+///
+/// Lock-free: a writer stores `start` before `end` (Release) and a reader loads `end` before
+/// `start` (Acquire), so a reader that sees a new `end` also sees its `start`, and a torn pair
+/// (new `start`, old `end`) never contains `now` because consecutive windows do not overlap; the
+/// reader then computes the bounds itself.
+pub struct BoundsCache {
+    tz: Tz,
+    start: [std::sync::atomic::AtomicI64; 6],
+    end: [std::sync::atomic::AtomicI64; 6],
+}
+
+impl BoundsCache {
+    pub fn new(tz: Tz) -> BoundsCache {
+        BoundsCache {
+            tz,
+            start: Default::default(),
+            end: Default::default(),
+        }
+    }
+
+    pub fn time_zone(&self) -> Tz {
+        self.tz
+    }
+
+    /// `(start, end)` in ms of the `window` containing `now_ms`; `end` is 0 for lifetime.
+    pub fn get(&self, window: Window, now_ms: i64) -> (i64, i64) {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        if window == Window::Lifetime {
+            return (0, 0);
+        }
+        let i = window as usize;
+        let end = self.end[i].load(Acquire);
+        let start = self.start[i].load(Acquire);
+        if start <= now_ms && now_ms < end {
+            return (start, end);
+        }
+        let now = DateTime::from_timestamp_millis(now_ms).unwrap_or_default();
+        let b = bounds(window, now, self.tz);
+        let (start, end) = (
+            b.start.timestamp_millis(),
+            b.end.map_or(0, |e| e.timestamp_millis()),
+        );
+        self.start[i].store(start, Release);
+        self.end[i].store(end, Release);
+        (start, end)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +178,32 @@ mod tests {
         let b = bounds(window, at(now), tz);
         assert_eq!(b.start, at(start), "{window:?} start at {now} in {tz}");
         assert_eq!(b.end, end.map(at), "{window:?} end at {now} in {tz}");
+    }
+
+    #[test]
+    fn the_bounds_cache_agrees_with_bounds() {
+        let tz: Tz = "Asia/Shanghai".parse().expect("tz");
+        let cache = BoundsCache::new(tz);
+        // Across a month and a year boundary, minute by minute and then a jump back in time.
+        let mut now = at("2026-12-31T15:58:30Z");
+        let steps = (0..5)
+            .map(|_| chrono::Duration::minutes(1))
+            .chain([chrono::Duration::days(-40), chrono::Duration::seconds(1)]);
+        for step in steps {
+            for window in Window::ALL {
+                let b = bounds(window, now, tz);
+                let want = (
+                    b.start.timestamp_millis(),
+                    b.end.map_or(0, |e| e.timestamp_millis()),
+                );
+                assert_eq!(
+                    cache.get(window, now.timestamp_millis()),
+                    want,
+                    "{window:?} {now}"
+                );
+            }
+            now += step;
+        }
     }
 
     #[test]

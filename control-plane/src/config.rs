@@ -45,6 +45,9 @@ pub const ENV_WECHAT_PLATFORM_SERIAL: &str = "TOLLGATE_WECHAT_PLATFORM_SERIAL";
 pub const ENV_WECHAT_PLATFORM_PUBLIC_KEY_FILE: &str = "TOLLGATE_WECHAT_PLATFORM_PUBLIC_KEY_FILE";
 pub const ENV_WECHAT_APIV3_KEY: &str = "TOLLGATE_WECHAT_APIV3_KEY";
 pub const ENV_ORDER_TTL: &str = "TOLLGATE_ORDER_TTL";
+pub const ENV_USAGE_CLOSE_GRACE: &str = "TOLLGATE_USAGE_CLOSE_GRACE";
+pub const ENV_USAGE_LOOKBACK: &str = "TOLLGATE_USAGE_LOOKBACK";
+pub const ENV_USAGE_MINUTE_RETENTION: &str = "TOLLGATE_USAGE_MINUTE_RETENTION";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -79,6 +82,10 @@ pub struct Config {
     pub wechat: Option<WechatSettings>,
     /// How long a pending order may be paid.
     pub order_ttl: Millis,
+    /// When and how far back usage buckets are drained (`ledger::DrainSettings`).
+    pub usage_close_grace: Millis,
+    pub usage_lookback: Millis,
+    pub usage_minute_retention: Millis,
 }
 
 #[derive(Debug, Clone)]
@@ -169,6 +176,9 @@ pub struct Layer {
     pub wechat_platform_public_key_file: Option<PathBuf>,
     pub wechat_apiv3_key: Option<Secret>,
     pub order_ttl: Option<Millis>,
+    pub usage_close_grace: Option<Millis>,
+    pub usage_lookback: Option<Millis>,
+    pub usage_minute_retention: Option<Millis>,
 }
 
 impl Layer {
@@ -218,6 +228,9 @@ impl Layer {
                 .map(PathBuf::from),
             wechat_apiv3_key: env.var(ENV_WECHAT_APIV3_KEY).map(Secret::new),
             order_ttl: problems.env(env, ENV_ORDER_TTL),
+            usage_close_grace: problems.env(env, ENV_USAGE_CLOSE_GRACE),
+            usage_lookback: problems.env(env, ENV_USAGE_LOOKBACK),
+            usage_minute_retention: problems.env(env, ENV_USAGE_MINUTE_RETENTION),
         }
     }
 
@@ -272,6 +285,9 @@ impl Layer {
                 .or(self.wechat_platform_public_key_file),
             wechat_apiv3_key: other.wechat_apiv3_key.or(self.wechat_apiv3_key),
             order_ttl: other.order_ttl.or(self.order_ttl),
+            usage_close_grace: other.usage_close_grace.or(self.usage_close_grace),
+            usage_lookback: other.usage_lookback.or(self.usage_lookback),
+            usage_minute_retention: other.usage_minute_retention.or(self.usage_minute_retention),
         }
     }
 }
@@ -470,6 +486,20 @@ impl Config {
                 None
             }
         };
+        let usage_close_grace = layer.usage_close_grace.unwrap_or(Millis(10_000));
+        if usage_close_grace.0 > 600_000 {
+            problems.push("usage_close_grace", "must be at most 10m");
+        }
+        let usage_lookback = layer.usage_lookback.unwrap_or(Millis(15 * 60_000));
+        if !(5 * 60_000..=7 * 86_400_000).contains(&usage_lookback.0) {
+            problems.push("usage_lookback", "must be between 5m and 7d");
+        }
+        let usage_minute_retention = layer
+            .usage_minute_retention
+            .unwrap_or(Millis(35 * 86_400_000));
+        if usage_minute_retention.0 < 86_400_000 {
+            problems.push("usage_minute_retention", "must be at least 1d");
+        }
         let order_ttl = layer.order_ttl.unwrap_or(Millis(30 * 60_000));
         if order_ttl.0 < 60_000 {
             problems.push("order_ttl", "must be at least 1m");
@@ -478,6 +508,9 @@ impl Config {
             alipay,
             wechat,
             order_ttl,
+            usage_close_grace,
+            usage_lookback,
+            usage_minute_retention,
             jwt,
             login,
             hash_concurrency,

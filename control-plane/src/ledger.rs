@@ -1,27 +1,43 @@
-//! Drains the sidecars' usage streams (one per shard, `tollgate_common::keys::Keys::usage_stream`)
-//! into the usage ledger with a Redis consumer group: entries are inserted by event id (a
-//! redelivery is ignored), acknowledged and deleted only after the commit, and pending entries of a
-//! consumer that died are claimed by another. Several replicas drain side by side.
+//! Drains the sidecars' usage buckets (one Redis hash per shard and minute,
+//! `tollgate_common::keys::Keys::bucket`) into the usage ledger once their minute has closed.
+//!
+//! A pass stages each closed bucket (`lua/drain_claim.lua` renames it, stamped with the pass's
+//! id), records every staged bucket of every shard in one PostgreSQL transaction (each stamp
+//! once: `db::usage::record`), and deletes the staged buckets only after the commit
+//! (`lua/drain_done.lua`). A pass that dies anywhere is repeated by the next one, by this replica
+//! or another, and adds nothing twice; several replicas drain side by side. The cost follows the
+//! number of buckets (users × routes active per minute), not the number of requests.
+//!
+//! A minute can still change after it closed: a refund of a call decided in it subtracts from
+//! its bucket (a new one, if it was drained). Every pass therefore looks back over the last
+//! minutes too, and once a minute every `lookback`; the catch-up point after an outage is kept in
+//! PostgreSQL (`usage_drain_cursor`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use fred::prelude::*;
+use fred::types::scripts::Script;
 use futures_util::StreamExt;
-use tollgate_common::keys::{Keys, SHARDS};
+use tollgate_common::keys::{BUCKET_MS, Keys, SHARDS, bucket_field, bucket_start};
 use uuid::Uuid;
 
 use crate::db::{self, DbError};
 use crate::metrics::Metrics;
 use crate::redis::RedisClient;
 
-pub const GROUP: &str = "tollgate-ledger";
-/// Entries pending this long with a consumer are presumed orphaned and claimed.
-const CLAIM_IDLE_MS: u64 = 5_000;
-const BATCH: u64 = 500;
+static CLAIM: &str = include_str!("../../lua/drain_claim.lua");
+static DONE: &str = include_str!("../../lua/drain_done.lua");
+
+/// Redis calls in flight at once during a pass.
 const PARALLEL: usize = 64;
+/// Minutes one claim call stages (keys of one shard, so one slot).
+const MINUTES_PER_CALL: usize = 30;
+/// A regular pass looks this far back behind the newest closed minute.
+const RECENT_MS: i64 = 3 * BUCKET_MS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -31,323 +47,433 @@ pub enum LedgerError {
     Redis(#[from] Error),
 }
 
+/// When buckets are drained; see docs/configuration.md.
+#[derive(Debug, Clone, Copy)]
+pub struct DrainSettings {
+    /// How long after its minute ends a bucket is drained: the clock skew allowed between
+    /// sidecars and the control plane.
+    pub close_grace: Duration,
+    /// How far back passes look for late changes (refunds) and, after an outage, at most how
+    /// far back the first pass starts; must exceed the sidecars' upstream timeout plus their
+    /// settle window.
+    pub lookback: Duration,
+    /// Pause between passes.
+    pub every: Duration,
+    /// Minute rows older than this are deleted (month rows are kept).
+    pub minute_retention: Duration,
+}
+
+impl Default for DrainSettings {
+    fn default() -> DrainSettings {
+        DrainSettings {
+            close_grace: Duration::from_secs(10),
+            lookback: Duration::from_secs(15 * 60),
+            every: Duration::from_secs(5),
+            minute_retention: Duration::from_secs(35 * 24 * 3600),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Drainer {
     db: Pool,
     redis: RedisClient,
     keys: Keys,
-    consumer: String,
     metrics: Arc<Metrics>,
+    settings: DrainSettings,
+    claim: Script,
+    done: Script,
 }
 
-type Entry = (String, HashMap<String, String>);
-
-enum Parsed {
-    Use(db::usage::Event),
-    Refund(Uuid),
-    Malformed,
+/// One staged bucket as read: which shard and minute, its stamp, its fields.
+struct Staged {
+    shard: u16,
+    minute_ms: i64,
+    stamp: String,
+    fields: HashMap<String, String>,
 }
 
-fn parse(fields: &HashMap<String, String>) -> Parsed {
-    let get = |k: &str| fields.get(k).map(String::as_str);
-    let event = get("e").and_then(|e| e.parse::<Uuid>().ok());
-    match (get("k"), event) {
-        (Some("refund"), Some(id)) => Parsed::Refund(id),
-        (Some("use"), Some(event_id)) => {
-            let parsed = (|| {
-                Some(db::usage::Event {
-                    event_id,
-                    user_id: get("u")?.parse().ok()?,
-                    app: get("a")?.to_owned(),
-                    quota_type: get("t")?.to_owned(),
-                    amount: get("n")?.parse().ok()?,
-                    method: get("m")?.to_owned(),
-                    path: get("p")?.to_owned(),
-                    at: chrono::DateTime::from_timestamp_millis(get("ts")?.parse().ok()?)?,
-                })
-            })();
-            parsed.map_or(Parsed::Malformed, Parsed::Use)
-        }
-        _ => Parsed::Malformed,
+/// What a pass has staged: the buckets, and the ledger entries they make.
+#[derive(Default)]
+pub struct Staging {
+    buckets: Vec<Staged>,
+    entries: Vec<(Uuid, db::usage::Bucket)>,
+    malformed: usize,
+}
+
+impl Staging {
+    /// Staged buckets.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
     }
 }
 
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// Staged buckets recorded and deleted.
+    pub buckets: usize,
+    pub recorded: db::usage::Recorded,
+    pub malformed: usize,
+}
+
 impl Drainer {
-    pub fn new(db: Pool, redis: RedisClient, keys: Keys, metrics: Arc<Metrics>) -> Drainer {
-        let consumer = format!(
-            "{}-{}-{}",
-            std::env::var("HOSTNAME").unwrap_or_else(|_| "cp".to_owned()),
-            std::process::id(),
-            &Uuid::new_v4().simple().to_string()[..8]
-        );
+    pub fn new(
+        db: Pool,
+        redis: RedisClient,
+        keys: Keys,
+        metrics: Arc<Metrics>,
+        settings: DrainSettings,
+    ) -> Drainer {
         Drainer {
             db,
             redis,
             keys,
-            consumer,
             metrics,
+            settings,
+            claim: Script::from_lua(CLAIM),
+            done: Script::from_lua(DONE),
         }
     }
 
-    fn streams(&self) -> impl Iterator<Item = String> + '_ {
-        (0..SHARDS).map(|shard| self.keys.usage_stream(shard))
+    /// The newest minute (start, ms) that has closed at `now_ms`.
+    fn last_closed(&self, now_ms: i64) -> i64 {
+        bucket_start(now_ms - self.settings.close_grace.as_millis() as i64) - BUCKET_MS
     }
 
-    async fn ensure_group(&self, stream: &str) -> Result<(), Error> {
-        match self
-            .redis
-            .xgroup_create::<(), _, _, _>(stream, GROUP, "0", true)
-            .await
-        {
-            Err(e) if !e.details().starts_with("BUSYGROUP") => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    /// Creates the consumer group on every shard's stream (idempotent).
-    pub async fn ensure_groups(&self) -> Result<(), Error> {
-        let results: Vec<Result<(), Error>> = futures_util::stream::iter(self.streams())
-            .map(|s| async move { self.ensure_group(&s).await })
-            .buffer_unordered(PARALLEL)
-            .collect()
-            .await;
-        results.into_iter().collect()
-    }
-
-    /// Reads new entries from one stream; recreates the group if Redis lost it.
-    async fn read(&self, stream: &str) -> Result<Vec<Entry>, Error> {
-        let read = self
-            .redis
-            .xreadgroup::<Value, _, _, _, _>(
-                GROUP,
-                self.consumer.as_str(),
-                Some(BATCH),
-                None,
-                false,
-                stream,
-                ">",
-            )
-            .await;
-        match read {
-            // `[[stream, [[id, [field, value, ...]], ...]]]`, or nil when there is nothing new.
-            Ok(Value::Array(streams)) => Ok(streams
-                .into_iter()
-                .flat_map(|s| match s {
-                    Value::Array(mut pair) if pair.len() == 2 => entries(pair.swap_remove(1)),
-                    _ => Vec::new(),
+    /// Stages one shard's buckets of `minutes` (one slot, one call per slice of minutes).
+    async fn claim_shard(
+        &self,
+        shard: u16,
+        minutes: &[i64],
+        stamp: &str,
+    ) -> Result<Vec<Staged>, Error> {
+        let mut out = Vec::new();
+        for slice in minutes.chunks(MINUTES_PER_CALL) {
+            let keys: Vec<String> = slice
+                .iter()
+                .flat_map(|m| {
+                    [
+                        self.keys.bucket(shard, *m),
+                        self.keys.bucket_staging(shard, *m),
+                    ]
                 })
-                .collect()),
-            Ok(_) => Ok(Vec::new()),
-            Err(e) if e.details().starts_with("NOGROUP") => {
-                self.ensure_group(stream).await?;
-                Ok(Vec::new())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Claims entries another consumer has held too long.
-    async fn claim(&self, stream: &str) -> Result<Vec<Entry>, Error> {
-        let value: Value = match self
-            .redis
-            .xautoclaim(
-                stream,
-                GROUP,
-                self.consumer.as_str(),
-                CLAIM_IDLE_MS,
-                "0-0",
-                Some(BATCH),
-                false,
-            )
-            .await
-        {
-            Ok(v) => v,
-            Err(e) if e.details().starts_with("NOGROUP") => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        Ok(entries_of_autoclaim(value))
-    }
-
-    /// Records everything one pass read, from every stream, in one transaction; then acknowledges
-    /// and deletes it.
-    async fn ingest(&self, batches: Vec<(String, Vec<Entry>)>) -> Result<usize, LedgerError> {
-        let batches: Vec<(String, Vec<Entry>)> =
-            batches.into_iter().filter(|(_, e)| !e.is_empty()).collect();
-        if batches.is_empty() {
-            return Ok(0);
-        }
-        let mut events = Vec::new();
-        let mut refunds = Vec::new();
-        let mut malformed = 0u64;
-        let mut oldest_ms = i64::MAX;
-        for (_, fields) in batches.iter().flat_map(|(_, entries)| entries) {
-            match parse(fields) {
-                Parsed::Use(e) => {
-                    oldest_ms = oldest_ms.min(e.at.timestamp_millis());
-                    events.push(e);
+                .collect();
+            let reply: Value = self
+                .claim
+                .evalsha_with_reload(&self.redis, keys, vec![stamp.to_owned()])
+                .await?;
+            let Value::Array(items) = reply else { continue };
+            for item in items {
+                let Value::Array(mut parts) = item else {
+                    continue;
+                };
+                if parts.len() != 3 {
+                    continue;
                 }
-                Parsed::Refund(id) => refunds.push(id),
-                Parsed::Malformed => malformed += 1,
+                let fields = flat_map(parts.pop());
+                let stamp = parts.pop().and_then(|v| v.as_string()).unwrap_or_default();
+                let index = parts.pop().and_then(|v| v.as_i64()).unwrap_or(0);
+                let Some(minute_ms) = usize::try_from(index - 1).ok().and_then(|i| slice.get(i))
+                else {
+                    continue;
+                };
+                out.push(Staged {
+                    shard,
+                    minute_ms: *minute_ms,
+                    stamp,
+                    fields,
+                });
             }
         }
-        let mut client = self.db.get().await.map_err(DbError::from)?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(DbError::op("begin ledger batch"))?;
-        let inserted = db::usage::record(&tx, &events, &refunds).await?;
-        tx.commit()
-            .await
-            .map_err(DbError::op("commit ledger batch"))?;
-        // Only now: a crash before this redelivers, and the event id makes that harmless.
-        let acks: Vec<Result<usize, Error>> = futures_util::stream::iter(batches)
-            .map(|(stream, entries)| async move {
-                let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
-                let n = ids.len();
-                let _: () = self.redis.xack(stream.as_str(), GROUP, ids.clone()).await?;
-                let _: () = self.redis.xdel(stream.as_str(), ids).await?;
-                Ok(n)
+        Ok(out)
+    }
+
+    /// One pass over every shard for the closed minutes from `from_ms` (inclusive) to the newest
+    /// closed one at `now_ms`: stage, record in one transaction, delete what was recorded.
+    pub async fn pass_from(&self, from_ms: i64, now_ms: i64) -> Result<Pass, LedgerError> {
+        let staging = self.stage(from_ms, now_ms).await?;
+        if staging.buckets.is_empty() {
+            return Ok(Pass::default());
+        }
+        let recorded = self.record(&staging).await?;
+        self.finish(&staging).await?;
+        Ok(Pass {
+            buckets: staging.buckets.len(),
+            recorded,
+            malformed: staging.malformed,
+        })
+    }
+
+    /// Step 1 of a pass: stages the closed buckets of every shard from `from_ms` on and reads
+    /// them (and any left staged by an earlier pass).
+    pub async fn stage(&self, from_ms: i64, now_ms: i64) -> Result<Staging, LedgerError> {
+        let last = self.last_closed(now_ms);
+        let minutes: Vec<i64> = (0..)
+            .map(|i| bucket_start(from_ms) + i * BUCKET_MS)
+            .take_while(|m| *m <= last)
+            .collect();
+        if minutes.is_empty() {
+            return Ok(Staging::default());
+        }
+        let stamp = Uuid::new_v4().to_string();
+        let claims: Vec<Result<Vec<Staged>, Error>> = futures_util::stream::iter(0..SHARDS)
+            .map(|shard| {
+                let (minutes, stamp) = (&minutes, &stamp);
+                async move { self.claim_shard(shard, minutes, stamp).await }
             })
             .buffer_unordered(PARALLEL)
             .collect()
             .await;
-        let mut total = 0;
-        for ack in acks {
-            total += ack?;
+        let mut buckets = Vec::new();
+        for claim in claims {
+            buckets.extend(claim?);
         }
+        self.metrics.usage_backlog.set(buckets.len() as i64);
+        let (entries, malformed) = entries_of(&buckets);
+        Ok(Staging {
+            buckets,
+            entries,
+            malformed,
+        })
+    }
+
+    /// Step 2: records what was staged in one transaction (each stamp once).
+    pub async fn record(&self, staging: &Staging) -> Result<db::usage::Recorded, LedgerError> {
+        let mut client = self.db.get().await.map_err(DbError::from)?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(DbError::op("begin usage drain"))?;
+        let recorded = db::usage::record(&tx, &staging.entries).await?;
+        tx.commit()
+            .await
+            .map_err(DbError::op("commit usage drain"))?;
         let m = &self.metrics;
-        m.usage_ingested
-            .with_label_values(&["use"])
-            .inc_by(events.len() as u64);
-        m.usage_ingested
-            .with_label_values(&["refund"])
-            .inc_by(refunds.len() as u64);
-        m.usage_ingested
-            .with_label_values(&["malformed"])
-            .inc_by(malformed);
-        let dropped = events.len() as u64 - inserted.min(events.len() as u64);
-        m.usage_ingested
-            .with_label_values(&["duplicate_or_unknown"])
-            .inc_by(dropped);
-        if oldest_ms != i64::MAX {
-            let lag = (chrono::Utc::now().timestamp_millis() - oldest_ms).max(0) as f64 / 1000.0;
-            m.usage_lag.set(lag);
-        }
-        Ok(total)
+        let count = |kind: &str, n: u64| m.usage_drained.with_label_values(&[kind]).inc_by(n);
+        count("applied", recorded.applied as u64 - recorded.dropped);
+        count("duplicate", recorded.duplicate as u64);
+        count("dropped", recorded.dropped);
+        count("malformed", staging.malformed as u64);
+        Ok(recorded)
     }
 
-    /// One pass over every shard — new entries, and (when `claim`) orphaned ones — ingested in
-    /// one transaction. Returns how many entries it took and whether any stream had more waiting.
-    pub async fn pass(&self, claim: bool) -> Result<(usize, bool), LedgerError> {
-        let reads: Vec<Result<(String, Vec<Entry>), LedgerError>> =
-            futures_util::stream::iter(self.streams())
-                .map(|stream| async move {
-                    let mut entries = if claim {
-                        self.claim(&stream).await?
-                    } else {
-                        Vec::new()
-                    };
-                    entries.extend(self.read(&stream).await?);
-                    Ok((stream, entries))
-                })
-                .buffer_unordered(PARALLEL)
-                .collect()
-                .await;
-        let mut batches = Vec::new();
-        let mut more = false;
-        for read in reads {
-            let (stream, entries) = read?;
-            more |= entries.len() as u64 >= BATCH;
-            batches.push((stream, entries));
+    /// Step 3, only after step 2 committed: deletes the staged buckets (a crash before this
+    /// leaves them for the next pass, and their stamps make that harmless).
+    pub async fn finish(&self, staging: &Staging) -> Result<(), LedgerError> {
+        let mut by_shard: HashMap<u16, (Vec<String>, Vec<String>)> = HashMap::new();
+        for s in &staging.buckets {
+            let (keys, stamps) = by_shard.entry(s.shard).or_default();
+            keys.push(self.keys.bucket_staging(s.shard, s.minute_ms));
+            stamps.push(s.stamp.clone());
         }
-        Ok((self.ingest(batches).await?, more))
-    }
-
-    /// Entries waiting in all streams.
-    pub async fn backlog(&self) -> Result<u64, Error> {
-        let lens: Vec<Result<u64, Error>> = futures_util::stream::iter(self.streams())
-            .map(|s| async move { self.redis.xlen::<u64, _>(s).await })
+        let deletes: Vec<Result<i64, Error>> = futures_util::stream::iter(by_shard)
+            .map(|(_, (keys, stamps))| async move {
+                self.done
+                    .evalsha_with_reload::<i64, _, _>(&self.redis, keys, stamps)
+                    .await
+            })
             .buffer_unordered(PARALLEL)
             .collect()
             .await;
-        lens.into_iter().sum()
+        for delete in deletes {
+            delete?;
+        }
+        self.metrics.usage_backlog.set(0);
+        Ok(())
+    }
+
+    /// A regular pass (the last few closed minutes), or with `full` one from the catch-up point
+    /// or `lookback` ago, whichever is earlier, which then moves the catch-up point on.
+    pub async fn pass(&self, full: bool) -> Result<Pass, LedgerError> {
+        let now = Utc::now();
+        let now_ms = now.timestamp_millis();
+        let last = self.last_closed(now_ms);
+        if !full {
+            let pass = self.pass_from(last - RECENT_MS, now_ms).await?;
+            self.set_lag(now_ms, last);
+            return Ok(pass);
+        }
+        let lookback = now - self.settings.lookback;
+        let client = self.db.get().await.map_err(DbError::from)?;
+        let cursor = db::usage::drain_cursor(&**client)
+            .await?
+            .unwrap_or(lookback);
+        drop(client);
+        let from = cursor.min(lookback);
+        let pass = self.pass_from(from.timestamp_millis(), now_ms).await?;
+        let client = self.db.get().await.map_err(DbError::from)?;
+        db::usage::advance_drain_cursor(&**client, minute(lookback.timestamp_millis())).await?;
+        self.set_lag(now_ms, last);
+        Ok(pass)
+    }
+
+    /// How old the newest minute known to be drained is, once a pass has committed.
+    fn set_lag(&self, now_ms: i64, last: i64) {
+        let lag = (now_ms - (last + BUCKET_MS)).max(0) as f64 / 1000.0;
+        self.metrics.usage_lag.set(lag);
+    }
+
+    /// Deletes minute rows past their retention and drain stamps no staged bucket can carry any
+    /// more.
+    pub async fn prune(&self) -> Result<(u64, u64), LedgerError> {
+        let now = Utc::now();
+        let client = self.db.get().await.map_err(DbError::from)?;
+        let retention = chrono::Duration::from_std(self.settings.minute_retention)
+            .unwrap_or(chrono::Duration::days(35));
+        Ok(db::usage::prune(&**client, now - retention, now - chrono::Duration::days(30)).await?)
     }
 
     pub async fn run(self) {
-        while let Err(e) = self.ensure_groups().await {
-            tracing::warn!(error = %e, "cannot create the ledger consumer groups yet");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let mut last_claim = tokio::time::Instant::now();
-        let mut last_backlog = tokio::time::Instant::now() - Duration::from_secs(60);
+        let mut last_full = None::<tokio::time::Instant>;
+        let mut last_prune = tokio::time::Instant::now();
         loop {
-            let claim = last_claim.elapsed() >= Duration::from_millis(CLAIM_IDLE_MS / 3);
-            if claim {
-                last_claim = tokio::time::Instant::now();
+            let full = last_full.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+            match self.pass(full).await {
+                Ok(_) if full => last_full = Some(tokio::time::Instant::now()),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "usage drain pass failed; will retry"),
             }
-            let (drained, more) = match self.pass(claim).await {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    tracing::warn!(error = %e, "ledger pass failed; will retry");
-                    (0, false)
-                }
-            };
-            if last_backlog.elapsed() >= Duration::from_secs(5) {
-                if let Ok(n) = self.backlog().await {
-                    self.metrics.usage_backlog.set(n as i64);
-                    if n == 0 {
-                        self.metrics.usage_lag.set(0.0);
+            if last_prune.elapsed() >= Duration::from_secs(3600) {
+                match self.prune().await {
+                    Ok((minutes, stamps)) => {
+                        tracing::info!(minutes, stamps, "pruned old usage minute rows")
                     }
+                    Err(e) => tracing::warn!(error = %e, "pruning usage rows failed; will retry"),
                 }
-                last_backlog = tokio::time::Instant::now();
+                last_prune = tokio::time::Instant::now();
             }
-            // Straight on only while a stream has a full batch waiting; otherwise let events
-            // gather, so that each pass (1,024 reads) and transaction carries more of them.
-            if !more {
-                let pause = if drained == 0 { 250 } else { 100 };
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-            }
+            tokio::time::sleep(self.settings.every).await;
         }
     }
 }
 
-/// `XAUTOCLAIM` answers `[next-id, [[id, [field, value, ...]], ...], [deleted ids]]`.
-fn entries_of_autoclaim(value: Value) -> Vec<Entry> {
-    let Value::Array(mut parts) = value else {
-        return Vec::new();
-    };
-    if parts.len() < 2 {
-        return Vec::new();
-    }
-    entries(parts.swap_remove(1))
+fn minute(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(bucket_start(ms)).unwrap_or_default()
 }
 
-/// `[[id, [field, value, ...]], ...]`; entries deleted meanwhile come with nil fields and are
-/// skipped.
-fn entries(value: Value) -> Vec<Entry> {
-    let Value::Array(items) = value else {
-        return Vec::new();
+/// `[field, value, field, value, ...]` as a map.
+fn flat_map(value: Option<Value>) -> HashMap<String, String> {
+    let Some(Value::Array(flat)) = value else {
+        return HashMap::new();
     };
-    items
+    let mut map = HashMap::new();
+    let mut it = flat.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        if let (Some(k), Some(v)) = (k.as_string(), v.as_string()) {
+            map.insert(k, v);
+        }
+    }
+    map
+}
+
+/// The ledger entries of staged buckets (amount and calls of each user, app, type and route
+/// joined), with their stamps; and how many fields were malformed.
+fn entries_of(staged: &[Staged]) -> (Vec<(Uuid, db::usage::Bucket)>, usize) {
+    // (stamp, minute, user, app, quota type, route) → (amount, calls)
+    type Key = (Uuid, i64, Uuid, String, String, String);
+    let mut out: HashMap<Key, (i64, i64)> = HashMap::new();
+    let mut malformed = 0;
+    for s in staged {
+        let Ok(stamp) = s.stamp.parse::<Uuid>() else {
+            malformed += s.fields.len();
+            continue;
+        };
+        for (field, value) in &s.fields {
+            if field == bucket_field::STAGED_BY {
+                continue;
+            }
+            let (Some(f), Ok(n)) = (bucket_field::parse(field), value.parse::<i64>()) else {
+                malformed += 1;
+                continue;
+            };
+            let key = (
+                stamp,
+                s.minute_ms,
+                f.user,
+                f.app.to_owned(),
+                f.quota_type.to_owned(),
+                f.route.to_owned(),
+            );
+            let entry = out.entry(key).or_default();
+            if f.amount {
+                entry.0 += n;
+            } else {
+                entry.1 += n;
+            }
+        }
+    }
+    let entries = out
         .into_iter()
-        .filter_map(|item| {
-            let Value::Array(mut pair) = item else {
-                return None;
-            };
-            if pair.len() != 2 {
-                return None;
-            }
-            let fields = pair.pop()?;
-            let id = pair.pop()?.as_string()?;
-            let Value::Array(flat) = fields else {
-                return None;
-            };
-            let mut map = HashMap::new();
-            let mut it = flat.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                map.insert(k.as_string()?, v.as_string()?);
-            }
-            Some((id, map))
-        })
-        .collect()
+        .filter(|(_, (amount, calls))| *amount != 0 || *calls != 0)
+        .map(
+            |((stamp, minute_ms, user_id, app, quota_type, route), (amount, calls))| {
+                (
+                    stamp,
+                    db::usage::Bucket {
+                        user_id,
+                        minute: minute(minute_ms),
+                        app,
+                        quota_type,
+                        route,
+                        amount,
+                        calls,
+                    },
+                )
+            },
+        )
+        .collect();
+    (entries, malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_fields_become_entries() {
+        let user = Uuid::new_v4();
+        let stamp = Uuid::new_v4();
+        let suffix = bucket_field::suffix("idoctor", "api_calls_l3_detect", "POST /l3/{patient}");
+        let fields: HashMap<String, String> = [
+            (format!("a:{user}|{suffix}"), "6"),
+            (format!("n:{user}|{suffix}"), "2"),
+            // A refunded call and its amount net to nothing and are left out.
+            (format!("a:{user}|idoctor|storage_bytes|POST /upload"), "0"),
+            (format!("n:{user}|idoctor|storage_bytes|POST /upload"), "0"),
+            ("_id".to_owned(), "ignored"),
+            ("junk".to_owned(), "1"),
+            (format!("n:{user}|{suffix}x"), "not a number"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_owned()))
+        .collect();
+        let staged = [Staged {
+            shard: 3,
+            minute_ms: 1_700_000_040_000,
+            stamp: stamp.to_string(),
+            fields,
+        }];
+        let (entries, malformed) = entries_of(&staged);
+        assert_eq!(malformed, 2);
+        assert_eq!(
+            entries,
+            vec![(
+                stamp,
+                db::usage::Bucket {
+                    user_id: user,
+                    minute: minute(1_700_000_040_000),
+                    app: "idoctor".to_owned(),
+                    quota_type: "api_calls_l3_detect".to_owned(),
+                    route: "POST /l3/{patient}".to_owned(),
+                    amount: 6,
+                    calls: 2,
+                }
+            )]
+        );
+    }
 }

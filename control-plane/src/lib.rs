@@ -70,7 +70,19 @@ pub async fn run(
     let workers = [
         tokio::spawn(sync.clone().run(std::time::Duration::from_secs(600))),
         tokio::spawn(
-            ledger::Drainer::new(db.clone(), redis.clone(), keys.clone(), metrics.clone()).run(),
+            ledger::Drainer::new(
+                db.clone(),
+                redis.clone(),
+                keys.clone(),
+                metrics.clone(),
+                ledger::DrainSettings {
+                    close_grace: config.usage_close_grace.duration(),
+                    lookback: config.usage_lookback.duration(),
+                    minute_retention: config.usage_minute_retention.duration(),
+                    ..ledger::DrainSettings::default()
+                },
+            )
+            .run(),
         ),
         tokio::spawn(jobs::run_lapses(
             sync.clone(),

@@ -13,7 +13,7 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     /// Usage-stream entries drained into the ledger, by kind (use, refund, malformed,
     /// duplicate_or_unknown).
-    pub usage_ingested: IntCounterVec,
+    pub usage_drained: IntCounterVec,
     /// Entries waiting in the sidecars' usage streams.
     pub usage_backlog: IntGauge,
     /// Age of the oldest event in the last drained batch.
@@ -48,22 +48,22 @@ impl Metrics {
             &["route"],
         )
         .expect("valid metric");
-        let usage_ingested = IntCounterVec::new(
+        let usage_drained = IntCounterVec::new(
             Opts::new(
-                "tollgate_cp_usage_events_ingested_total",
-                "Usage-stream entries drained into the ledger, by kind.",
+                "tollgate_cp_usage_entries_drained_total",
+                "Usage bucket entries (user, app, quota type, route, minute) drained into the ledger, by kind: applied, duplicate (a pass read twice), dropped (unknown user or quota type), malformed.",
             ),
             &["kind"],
         )
         .expect("valid metric");
         let usage_backlog = IntGauge::new(
             "tollgate_cp_usage_backlog_entries",
-            "Entries waiting in the sidecars' usage streams.",
+            "Closed usage buckets the last drain pass staged and has not yet recorded (0 once it committed).",
         )
         .expect("valid metric");
         let usage_lag = Gauge::new(
             "tollgate_cp_usage_lag_seconds",
-            "Age of the oldest usage event in the last batch drained into the ledger.",
+            "Seconds since the end of the newest minute whose usage is in the ledger (the close grace plus up to a minute when all is well).",
         )
         .expect("valid metric");
         let counter = |name: &str, help: &str, labels: &[&str]| {
@@ -100,7 +100,7 @@ impl Metrics {
             Box::new(reconcile_paid_found.clone()),
             Box::new(http_requests.clone()),
             Box::new(http_duration.clone()),
-            Box::new(usage_ingested.clone()),
+            Box::new(usage_drained.clone()),
             Box::new(usage_backlog.clone()),
             Box::new(usage_lag.clone()),
         ] {
@@ -112,7 +112,7 @@ impl Metrics {
             registry,
             http_requests,
             http_duration,
-            usage_ingested,
+            usage_drained,
             usage_backlog,
             usage_lag,
             payment_notifications,

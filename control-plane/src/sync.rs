@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use fred::interfaces::{ClientLike, EventInterface};
-use fred::interfaces::{
-    HashesInterface, KeysInterface, PubsubInterface, SortedSetsInterface, TransactionInterface,
-};
+use fred::interfaces::{HashesInterface, KeysInterface, PubsubInterface, SortedSetsInterface};
 use fred::types::scan::Scanner;
 use fred::types::scripts::Script;
 use futures_util::{StreamExt, TryStreamExt};
@@ -45,12 +43,12 @@ pub struct Syncer {
     pub redis: RedisClient,
     pub keys: Keys,
     kick: Arc<Notify>,
+    sync_user_script: Script,
     set_counter_script: Script,
 }
 
+static SYNC_USER: &str = include_str!("../../lua/sync_user.lua");
 static SET_COUNTER: &str = include_str!("../../lua/set_counter.lua");
-/// Counters outlive their window by a week (as `lua/decide.lua` sets them).
-const COUNTER_RETAIN_MS: i64 = 7 * 24 * 3600 * 1000;
 
 const BATCH: i64 = 500;
 
@@ -61,6 +59,7 @@ impl Syncer {
             redis,
             keys,
             kick: Arc::new(Notify::new()),
+            sync_user_script: Script::from_lua(SYNC_USER),
             set_counter_script: Script::from_lua(SET_COUNTER),
         }
     }
@@ -84,102 +83,95 @@ impl Syncer {
         let Some(state) = db::limits::user_state(&**client, id, chrono::Utc::now()).await? else {
             return Ok(false);
         };
-        // Counters first: a sidecar admits nothing for this user until the hash exists, so no
-        // request can start a lost counter from zero before the ledger's figure is in.
-        self.restore_counters(&state).await?;
-        self.write_user(&state).await?;
+        self.write_user(&**client, &state).await?;
         self.publish(CacheEvent::User(id)).await?;
         Ok(true)
     }
 
-    /// Replaces the user's hash in one transaction, so a sidecar never sees it half written
-    /// and no field of a quota the plan dropped survives.
-    async fn write_user(&self, state: &db::limits::UserState) -> Result<(), SyncError> {
-        let mut fields: Vec<(String, String)> = vec![
-            (user_field::STATUS.to_owned(), state.status.clone()),
-            (user_field::ROLE.to_owned(), state.role.clone()),
-            (
-                user_field::TOKENS_VALID_AFTER.to_owned(),
-                state.tokens_valid_after.to_string(),
-            ),
-            (
-                user_field::PLAN.to_owned(),
-                state.plan.clone().unwrap_or_default(),
-            ),
-        ];
-        for limit in &state.limits {
-            fields.push((
-                user_field::quota(&limit.app, &limit.quota_type),
-                user_field::quota_value(limit.limit, limit.window),
-            ));
-        }
+    /// Writes the user's hash in one script (`lua/sync_user.lua`), so a sidecar never sees it
+    /// half written, no limit of a quota the plan dropped survives, and a counter Redis lost is
+    /// rebuilt from the ledger — never one the sidecars are counting in.
+    async fn write_user(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        state: &db::limits::UserState,
+    ) -> Result<(), SyncError> {
         let key = self.keys.user(state.id);
-        let tx = self.redis.multi();
-        tx.del::<(), _>(key.as_str()).await?;
-        tx.hset::<(), _, _>(key.as_str(), fields).await?;
-        tx.exec::<()>(true).await?;
-        Ok(())
-    }
-
-    /// Rebuilds the user's counters that Redis lost, from the ledger (never touching a live one),
-    /// so that losing Redis never hands out free calls.
-    async fn restore_counters(&self, state: &db::limits::UserState) -> Result<(), SyncError> {
-        let client = self.db.get().await.map_err(DbError::from)?;
-        for limit in &state.limits {
-            let key = self.keys.counter(state.id, &limit.app, &limit.quota_type);
-            let exists: bool = self.redis.exists(key.as_str()).await?;
-            if exists {
+        let counter_fields: Vec<String> = state
+            .limits
+            .iter()
+            .map(|l| user_field::counter(&l.app, &l.quota_type))
+            .collect();
+        // Only counters that are absent need the ledger's figure.
+        let present: Vec<Option<String>> = if counter_fields.is_empty() {
+            Vec::new()
+        } else {
+            self.redis
+                .hmget(key.as_str(), counter_fields.clone())
+                .await?
+        };
+        let mut restore = Vec::new();
+        for ((limit, field), value) in state.limits.iter().zip(&counter_fields).zip(&present) {
+            if value.is_some() {
                 continue;
             }
-            let used = db::usage::used_since(
-                &**client,
+            let used = db::usage::used_in_window(
+                client,
                 state.id,
                 &limit.app,
                 &limit.quota_type,
+                limit.window,
                 limit.window_start,
             )
             .await?;
-            self.set_counter(&key, used, limit, false).await?;
+            restore.push((
+                field.clone(),
+                user_field::counter_value(used, limit.window_start.timestamp_millis()),
+            ));
         }
-        Ok(())
-    }
-
-    /// Writes a counter for the limit's current window (`lua/set_counter.lua`).
-    pub async fn set_counter(
-        &self,
-        key: &str,
-        used: i64,
-        limit: &db::limits::Limit,
-        always: bool,
-    ) -> Result<(), SyncError> {
-        let expire = limit
-            .window_end
-            .map_or(0, |end| end.timestamp_millis() + COUNTER_RETAIN_MS);
+        let mut args: Vec<String> = vec![
+            state.status.clone(),
+            state.role.clone(),
+            state.tokens_valid_after.to_string(),
+            state.plan.clone().unwrap_or_default(),
+            state.limits.len().to_string(),
+        ];
+        for limit in &state.limits {
+            args.push(user_field::quota(&limit.app, &limit.quota_type));
+            args.push(user_field::quota_value(limit.limit, limit.window));
+        }
+        args.push(restore.len().to_string());
+        for (field, value) in restore {
+            args.push(field);
+            args.push(value);
+        }
         let _: i64 = self
-            .set_counter_script
-            .evalsha_with_reload(
-                &self.redis,
-                vec![key.to_owned()],
-                vec![
-                    used.to_string(),
-                    limit.window_start.timestamp_millis().to_string(),
-                    expire.to_string(),
-                    if always { "always" } else { "if_missing" }.to_owned(),
-                ],
-            )
+            .sync_user_script
+            .evalsha_with_reload(&self.redis, vec![key], args)
             .await?;
         Ok(())
     }
 
-    /// An admin reset: the current window's `used` is 0 in Redis (the reset is recorded in
-    /// PostgreSQL by the caller, so a rebuild honours it too).
+    /// An admin reset: the current window's `used` is 0 in Redis. Returns what it cleared, which
+    /// the caller records with the reset so that a rebuild honours it.
     pub async fn reset_counter(
         &self,
         user: Uuid,
         limit: &db::limits::Limit,
-    ) -> Result<(), SyncError> {
-        let key = self.keys.counter(user, &limit.app, &limit.quota_type);
-        self.set_counter(&key, 0, limit, true).await
+    ) -> Result<i64, SyncError> {
+        let cleared: i64 = self
+            .set_counter_script
+            .evalsha_with_reload(
+                &self.redis,
+                vec![self.keys.user(user)],
+                vec![
+                    user_field::counter(&limit.app, &limit.quota_type),
+                    "0".to_owned(),
+                    limit.window_start.timestamp_millis().to_string(),
+                ],
+            )
+            .await?;
+        Ok(cleared)
     }
 
     /// Writes or removes one API key's hash.
@@ -273,8 +265,7 @@ impl Syncer {
             after = Some(last.0);
             for (id, ..) in &batch {
                 if let Some(state) = db::limits::user_state(&**client, *id, now).await? {
-                    self.restore_counters(&state).await?;
-                    self.write_user(&state).await?;
+                    self.write_user(&**client, &state).await?;
                 }
             }
             users += batch.len();

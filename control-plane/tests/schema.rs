@@ -182,10 +182,10 @@ async fn constraints_refuse_bad_rows() {
     .await;
     refused(
         &client,
-        "INSERT INTO usage_events (event_id, user_id, app_id, quota_key, amount, method, path, created_at)
-         VALUES (gen_random_uuid(), '00000000-0000-0000-0000-000000000001', 'idoctor',
-                 'storage_bytes', -1, 'POST', '/upload', now())",
-        "amount",
+        "INSERT INTO usage_minutes (user_id, minute, app_id, quota_key, route, amount, calls)
+         VALUES ('00000000-0000-0000-0000-000000000001', '2026-11-25T10:00:30Z', 'idoctor',
+                 'storage_bytes', 'POST /upload', 1, 1)",
+        "usage_minutes_minute_check",
     )
     .await;
     refused(
@@ -196,12 +196,12 @@ async fn constraints_refuse_bad_rows() {
     )
     .await;
 
-    // A usage event for a quota type that does not exist is refused by the foreign key.
+    // Usage of a quota type that does not exist is refused by the foreign key.
     let err = client
         .batch_execute(
-            "INSERT INTO usage_events (event_id, user_id, app_id, quota_key, amount, method, path, created_at)
-             VALUES (gen_random_uuid(), '00000000-0000-0000-0000-000000000001', 'idoctor',
-                     'no_such_type', 1, 'POST', '/x', now())",
+            "INSERT INTO usage_minutes (user_id, minute, app_id, quota_key, route, amount, calls)
+             VALUES ('00000000-0000-0000-0000-000000000001', '2026-11-25T10:00:00Z', 'idoctor',
+                     'no_such_type', 'POST /x', 1, 1)",
         )
         .await
         .expect_err("unknown quota type");

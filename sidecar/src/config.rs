@@ -28,6 +28,7 @@ pub const ENV_MAX_HEADER_BYTES: &str = "TOLLGATE_SIDECAR_MAX_HEADER_BYTES";
 pub const ENV_LOG_FORMAT: &str = "TOLLGATE_LOG_FORMAT";
 pub const ENV_LOG: &str = "TOLLGATE_LOG";
 pub const ENV_SHUTDOWN_GRACE: &str = "TOLLGATE_SHUTDOWN_GRACE";
+pub const ENV_SETTLE_WINDOW: &str = "TOLLGATE_SIDECAR_SETTLE_WINDOW";
 
 /// What to do when Redis cannot be asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -77,6 +78,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_filter: String,
     pub shutdown_grace: Millis,
+    /// How long an admitted request's settle marker lives in Redis after the app has answered
+    /// (renewed while it is answering): the time a refund has to land.
+    pub settle_window: Millis,
 }
 
 /// One source of settings; every field optional, later layers win.
@@ -102,6 +106,7 @@ pub struct Layer {
     pub log_format: Option<LogFormat>,
     pub log: Option<String>,
     pub shutdown_grace: Option<Millis>,
+    pub settle_window: Option<Millis>,
 }
 
 impl Layer {
@@ -132,6 +137,7 @@ impl Layer {
             log_format: problems.env(env, ENV_LOG_FORMAT),
             log: env.var(ENV_LOG),
             shutdown_grace: problems.env(env, ENV_SHUTDOWN_GRACE),
+            settle_window: problems.env(env, ENV_SETTLE_WINDOW),
         }
     }
 
@@ -157,6 +163,7 @@ impl Layer {
             log_format: other.log_format.or(self.log_format),
             log: other.log.or(self.log),
             shutdown_grace: other.shutdown_grace.or(self.shutdown_grace),
+            settle_window: other.settle_window.or(self.settle_window),
         }
     }
 }
@@ -264,6 +271,13 @@ impl Config {
             );
         }
         let log_filter = tollgate_common::config::log_filter(problems, layer.log);
+        let settle_window = layer.settle_window.unwrap_or(Millis(10_000));
+        if !(1_000..=300_000).contains(&settle_window.0) {
+            problems.push(
+                "settle_window",
+                format_args!("{}ms is outside 1s..=5m", settle_window.0),
+            );
+        }
         for (setting, value) in [
             ("upstream_timeout", layer.upstream_timeout),
             ("connect_timeout", layer.connect_timeout),
@@ -293,6 +307,7 @@ impl Config {
             log_format: layer.log_format.unwrap_or(LogFormat::Json),
             log_filter,
             shutdown_grace: layer.shutdown_grace.unwrap_or(Millis(20_000)),
+            settle_window,
         }
     }
 }

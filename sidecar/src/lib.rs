@@ -55,6 +55,8 @@ pub struct Table {
     pub routes: Routes,
     /// The app's base URL, without a trailing slash.
     pub upstream: String,
+    /// The current quota windows in the app's time zone.
+    pub windows: tollgate_common::window::BoundsCache,
 }
 
 /// Everything the request path shares.
@@ -98,6 +100,7 @@ pub fn load_table(config: &Config) -> Result<Table, RunError> {
         .or_else(|| routes.upstream.clone())
         .unwrap_or_else(|| config::DEFAULT_UPSTREAM.to_owned());
     Ok(Table {
+        windows: tollgate_common::window::BoundsCache::new(routes.time_zone),
         routes,
         upstream: upstream.trim_end_matches('/').to_owned(),
     })

@@ -26,8 +26,8 @@ use uuid::Uuid;
 
 use crate::auth::{AuthError, Identity};
 use crate::config::FailMode;
-use crate::routes::{Cost, RateLimit, Route};
-use crate::store::{Charge, Charged, DecideInput, Decision, SettleInput, SettleItem};
+use crate::routes::{Cost, Quota, RateLimit, Route};
+use crate::store::{Charge, Charged, DecideInput, Decision, SettleInput};
 use crate::{Body, BoxError, Shared, Table, full_body};
 
 /// Headers a client may not set: the sidecar is the only source of these.
@@ -56,7 +56,7 @@ pub enum Refusal {
         retry_after_s: u64,
     },
     QuotaExceeded {
-        quota_type: String,
+        quota_type: Arc<str>,
         limit: i64,
         used: i64,
         resets_at_ms: i64,
@@ -88,7 +88,12 @@ pub struct Ctx {
     pub app: Arc<str>,
     pub identity: Option<Identity>,
     pub plan: String,
-    pub charges: Vec<(Uuid, Charged)>,
+    /// The sidecar's own id of a metered request: its settle marker in Redis.
+    pub settle_id: String,
+    /// The `now` (ms) its decision was made with.
+    pub decided_ms: i64,
+    /// What a metered request was charged.
+    pub charged: Option<Charged>,
     /// Rate-limit state after this request: (limit, remaining, reset ms).
     pub rates: Vec<(RateLimit, i64, i64)>,
     /// The body is metered as it streams (no Content-Length on a byte-priced route).
@@ -167,7 +172,9 @@ fn early(table: &Table, request: &mut Request<Incoming>) -> Ctx {
         app: table.routes.app.clone(),
         identity: None,
         plan: String::new(),
-        charges: Vec::new(),
+        settle_id: String::new(),
+        decided_ms: 0,
+        charged: None,
         rates: Vec::new(),
         reserved: false,
         decision: "allowed",
@@ -258,38 +265,36 @@ async fn decide(
     let Some(identity) = ctx.identity else {
         return Err(Refusal::Unauthorized);
     };
-    let mut charges = Vec::new();
-    if let Some((quota_type, cost)) = &ctx.route.quota {
-        let (cost, reserve) = match cost {
-            Cost::Fixed(n) => (*n, false),
+    let quota = ctx.route.quota.clone();
+    let charge = quota.as_deref().map(|quota| {
+        let (cost, reserve) = match quota.cost {
+            Cost::Fixed(n) => (n, false),
             Cost::RequestBodyBytes => match content_length(request.headers()) {
                 Some(n) => (n, false),
-                None => (0, true),
+                // Unknown length: take what remains; settle commits the real size.
+                None => (u64::MAX, true),
             },
         };
-        ctx.reserved = reserve;
-        charges.push(Charge {
-            quota_type,
+        Charge {
+            quota,
             cost,
-            event_id: Uuid::new_v4(),
             reserve,
-        });
+        }
+    });
+    if charge.is_some() {
+        ctx.settle_id = new_settle_id();
     }
-    let settle_id = charges
-        .first()
-        .map(|c| c.event_id.to_string())
-        .unwrap_or_default();
+    ctx.reserved = charge.is_some_and(|c| c.reserve);
+    ctx.decided_ms = chrono::Utc::now().timestamp_millis();
     let input = DecideInput {
         user: identity.user,
-        request: &settle_id,
+        settle_id: &ctx.settle_id,
         iat: identity.iat,
-        app: &ctx.app,
-        method: &ctx.method,
-        path: &ctx.path,
-        charges: &charges,
+        charge,
         rates: &ctx.route.rate_limits,
-        now: chrono::Utc::now(),
-        time_zone: table.routes.time_zone,
+        now_ms: ctx.decided_ms,
+        marker_ttl_ms: shared.config.settle_window.0,
+        windows: &table.windows,
     };
     let mut outcome = shared.store.decide(&input).await;
     if matches!(outcome, Ok(Decision::Missing)) && shared.refill.ensure(identity.user).await {
@@ -299,18 +304,13 @@ async fn decide(
         Ok(decision) => decision,
         Err(e) => {
             shared.metrics.redis_errors.with_label_values(&[e.op]).inc();
-            if !charges.is_empty() && e.is_transient() {
+            if let Some(quota) = &quota
+                && e.is_transient()
+            {
                 // The script may have run although its answer never came: give back whatever it
-                // took (settle.lua does nothing if it did not run).
-                undo_unanswered(
-                    shared,
-                    identity.user,
-                    &ctx.app,
-                    &ctx.method,
-                    &ctx.path,
-                    &settle_id,
-                    &charges,
-                );
+                // took (settle.lua does nothing if it did not run, and cancels it if it runs
+                // later).
+                undo_unanswered(shared, identity.user, quota, ctx);
             }
             if shared.config.fail_mode == FailMode::Open && e.is_transient() {
                 shared
@@ -321,6 +321,7 @@ async fn decide(
                 tracing::warn!(request_id = %ctx.request_id, error = %e, "redis unavailable: forwarding uncounted (fail-open)");
                 ctx.decision = "fail_open";
                 ctx.reserved = false;
+                ctx.settle_id.clear();
                 return Ok(());
             }
             tracing::error!(request_id = %ctx.request_id, error = %e, "redis unavailable: refusing (fail-closed)");
@@ -332,18 +333,21 @@ async fn decide(
             tracing::warn!(request_id = %ctx.request_id, user = %identity.user, "no limits in redis for this user and the control plane did not write them");
             Err(Refusal::BackendUnavailable)
         }
+        Decision::Cancelled => {
+            tracing::warn!(request_id = %ctx.request_id, "decision cancelled by its own refund");
+            Err(Refusal::BackendUnavailable)
+        }
         Decision::Disabled => Err(Refusal::AccountDisabled),
         Decision::Revoked => Err(Refusal::Unauthorized),
         Decision::RateLimited { retry_after_ms, .. } => Err(Refusal::RateLimited {
             retry_after_s: (retry_after_ms.max(1) as u64).div_ceil(1000),
         }),
         Decision::QuotaExceeded {
-            quota_type,
             limit,
             used,
             resets_at_ms,
         } => Err(Refusal::QuotaExceeded {
-            quota_type,
+            quota_type: quota.map_or_else(|| Arc::from(""), |q| q.quota_type.clone()),
             limit,
             used,
             resets_at_ms,
@@ -354,7 +358,7 @@ async fn decide(
             rates,
         } => {
             ctx.plan = plan;
-            ctx.charges = charges.iter().map(|c| c.event_id).zip(charged).collect();
+            ctx.charged = charged;
             ctx.rates = ctx
                 .route
                 .rate_limits
@@ -368,47 +372,28 @@ async fn decide(
     }
 }
 
+/// A fresh settle id: 64 random bits in hex, never anything a client chose.
+fn new_settle_id() -> String {
+    format!("{:016x}", Uuid::new_v4().as_u64_pair().0)
+}
+
 /// Refunds, in the background, a decision whose answer was lost: settle.lua gives back what the
-/// decision's marker says it took, and nothing if it never ran.
-fn undo_unanswered(
-    shared: &Shared,
-    user: Uuid,
-    app: &str,
-    method: &str,
-    path: &str,
-    settle_id: &str,
-    charges: &[Charge<'_>],
-) {
+/// decision's marker says it took, nothing if it never ran, and cancels it if it runs later.
+fn undo_unanswered(shared: &Shared, user: Uuid, quota: &Arc<Quota>, ctx: &Ctx) {
     let store = shared.store.clone();
-    let now = chrono::Utc::now();
-    let owned: Vec<(String, Uuid)> = charges
-        .iter()
-        .map(|c| (c.quota_type.to_owned(), c.event_id))
-        .collect();
-    let (app, method, path, settle_id) = (
-        app.to_owned(),
-        method.to_owned(),
-        path.to_owned(),
-        settle_id.to_owned(),
-    );
+    let quota = quota.clone();
+    let settle_id = ctx.settle_id.clone();
+    let decided_ms = ctx.decided_ms;
+    let ttl = shared.config.settle_window.0;
     tokio::spawn(async move {
-        let items: Vec<SettleItem<'_>> = owned
-            .iter()
-            .map(|(quota_type, event_id)| SettleItem {
-                quota_type,
-                event_id: *event_id,
-                actual: 0,
-            })
-            .collect();
         let input = SettleInput {
             refund: true,
             user,
-            request_id: &settle_id,
-            app: &app,
-            method: &method,
-            path: &path,
-            now,
-            items: &items,
+            settle_id: &settle_id,
+            quota: &quota,
+            decided_ms,
+            actual: 0,
+            marker_ttl_ms: ttl,
         };
         for _ in 0..3 {
             match store.settle(&input).await {
@@ -479,10 +464,7 @@ async fn forward(
     insert(headers, "x-forwarded-proto", "http");
 
     let (body, meter) = if ctx.reserved {
-        let limit = ctx
-            .charges
-            .first()
-            .map_or(0, |(_, c)| c.taken.max(0) as u64);
+        let limit = ctx.charged.as_ref().map_or(0, |c| c.taken.max(0) as u64);
         let meter = Arc::new(BodyMeter::new(limit));
         (
             MeteredBody {
@@ -499,7 +481,7 @@ async fn forward(
     let started = Instant::now();
     let sent = tokio::time::timeout(
         shared.config.upstream_timeout.duration(),
-        shared.upstream.request(request),
+        keep_marker_alive(shared, ctx, shared.upstream.request(request)),
     )
     .await;
     shared
@@ -516,6 +498,33 @@ async fn forward(
         Ok(Ok(response)) => Ok(response),
     };
     Forwarded { result, meter }
+}
+
+/// Runs `work` (the app answering), renewing a metered request's settle marker every half settle
+/// window, so that a slow app never outlives the marker its refund needs.
+async fn keep_marker_alive<T>(shared: &Shared, ctx: &Ctx, work: impl Future<Output = T>) -> T {
+    let Some(user) = ctx
+        .identity
+        .map(|i| i.user)
+        .filter(|_| !ctx.settle_id.is_empty())
+    else {
+        return work.await;
+    };
+    let window = shared.config.settle_window.0;
+    let every = Duration::from_millis(window / 2);
+    let mut work = std::pin::pin!(work);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tick.tick() => {
+                if let Err(e) = shared.store.renew_marker(user, &ctx.settle_id, window).await {
+                    shared.metrics.redis_errors.with_label_values(&[e.op]).inc();
+                    tracing::warn!(request_id = %ctx.request_id, error = %e, "could not renew the settle marker");
+                }
+            }
+        }
+    }
 }
 
 fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
@@ -552,34 +561,19 @@ async fn settle(
         Ok(response) => response.status().is_client_error() || response.status().is_server_error(),
         Err(_) => true,
     };
-    if let Some(identity) = ctx.identity.filter(|_| !ctx.charges.is_empty()) {
+    let metered = ctx.route.quota.clone().filter(|_| ctx.charged.is_some());
+    if let (Some(identity), Some(quota)) = (ctx.identity, metered) {
         let refund = failed || exceeded;
         let actual = forwarded.meter.as_ref().map_or(0, |m| m.seen());
         if refund || ctx.reserved {
-            let items: Vec<SettleItem<'_>> = ctx
-                .charges
-                .iter()
-                .map(|(event_id, _)| SettleItem {
-                    quota_type: ctx.route.quota.as_ref().map_or("", |(q, _)| q),
-                    event_id: *event_id,
-                    actual,
-                })
-                .collect();
-            // Settling is keyed by an id the sidecar made, never by one a client chose.
-            let settle_id = ctx
-                .charges
-                .first()
-                .map(|(id, _)| id.to_string())
-                .unwrap_or_default();
             let input = SettleInput {
                 refund,
                 user: identity.user,
-                request_id: &settle_id,
-                app: &ctx.app,
-                method: &ctx.method,
-                path: &ctx.path,
-                now: chrono::Utc::now(),
-                items: &items,
+                settle_id: &ctx.settle_id,
+                quota: &quota,
+                decided_ms: ctx.decided_ms,
+                actual,
+                marker_ttl_ms: shared.config.settle_window.0,
             };
             match shared.store.settle(&input).await {
                 Ok(_) if refund => {
@@ -591,10 +585,14 @@ async fn settle(
                         "app_error"
                     };
                     shared.metrics.refunds.with_label_values(&[reason]).inc();
+                    if let Some(charged) = &mut ctx.charged {
+                        charged.remaining += charged.taken;
+                        charged.taken = 0;
+                    }
                 }
                 Ok(_) => {
                     // Committed at the real size: what remains moves by what was given back.
-                    for (_, charged) in &mut ctx.charges {
+                    if let Some(charged) = &mut ctx.charged {
                         charged.remaining += charged.taken - actual as i64;
                         charged.taken = actual as i64;
                     }
@@ -605,23 +603,15 @@ async fn settle(
                 }
             }
         }
-    }
-    if exceeded {
-        let charged = ctx
-            .charges
-            .first()
-            .map(|(_, c)| c.clone())
-            .unwrap_or_default();
-        return Err(Refusal::QuotaExceeded {
-            quota_type: ctx
-                .route
-                .quota
-                .as_ref()
-                .map_or(String::new(), |(q, _)| q.to_string()),
-            limit: charged.limit,
-            used: charged.limit - charged.remaining - charged.taken,
-            resets_at_ms: charged.resets_at_ms,
-        });
+        if exceeded {
+            let charged = ctx.charged.clone().unwrap_or_default();
+            return Err(Refusal::QuotaExceeded {
+                quota_type: quota.quota_type.clone(),
+                limit: charged.limit,
+                used: charged.limit - charged.remaining - charged.taken,
+                resets_at_ms: charged.resets_at_ms,
+            });
+        }
     }
     forwarded.result
 }
@@ -631,11 +621,9 @@ fn respond(ctx: &Ctx, response: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let success = parts.status.is_success() || parts.status.is_redirection();
-    if success
-        && let (Some((quota_type, _)), Some((_, charged))) = (&ctx.route.quota, ctx.charges.first())
-    {
+    if success && let (Some(quota), Some(charged)) = (&ctx.route.quota, &ctx.charged) {
         let h = &mut parts.headers;
-        insert(h, "x-quota-type", quota_type);
+        insert(h, "x-quota-type", &quota.quota_type);
         insert(h, "x-quota-limit", &charged.limit.to_string());
         insert(
             h,
@@ -724,7 +712,7 @@ pub fn fail_to_proxy(ctx: &Ctx, refusal: &Refusal) -> Response<Body> {
             )
             .with_details(json!({
                 "app": &*ctx.app,
-                "type": quota_type,
+                "type": &**quota_type,
                 "limit": limit,
                 "used": used,
                 "remaining": (limit - used).max(0),
@@ -773,10 +761,16 @@ fn log(shared: &Shared, ctx: &Ctx, started: Instant) {
         .requests
         .with_label_values(&[&ctx.route.label, ctx.decision])
         .inc();
+    // The access log: one line per request, the per-call audit trail (docs/quotas.md).
     tracing::info!(
         request_id = %ctx.request_id,
+        app = %ctx.app,
         route = %ctx.route.label,
+        method = %ctx.method,
+        path = %ctx.path,
         user = ctx.identity.map(|i| i.user.to_string()).unwrap_or_default(),
+        quota = ctx.route.quota.as_ref().map_or("", |q| &*q.quota_type),
+        cost = ctx.charged.as_ref().map_or(0, |c| c.taken),
         decision = ctx.decision,
         status = ctx.status,
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,

@@ -17,10 +17,13 @@
 //! Requests that match no route need credentials and count no quota.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use chrono_tz::Tz;
 use http::Method;
 use serde::Deserialize;
+use tollgate_common::keys::{bucket_field, user_field};
+use tollgate_common::window::Window;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +78,46 @@ pub struct RateLimit {
     pub rate: u64,
     pub period_ms: u64,
     pub burst: u64,
+    /// The user-hash field holding this limit's state (`keys::user_field::rate`), built once.
+    pub field: String,
+}
+
+/// What a metered route charges, with the Redis field names it needs built once, so that a
+/// decision builds none of them.
+#[derive(Debug)]
+pub struct Quota {
+    pub quota_type: Arc<str>,
+    pub cost: Cost,
+    /// `keys::user_field::quota`, `keys::user_field::counter`, `keys::bucket_field::suffix`.
+    pub limit_field: String,
+    pub counter_field: String,
+    pub bucket_suffix: String,
+    /// The quota type's window as Redis last said it is (see `store::Store::decide`), so that
+    /// only that window's bounds are sent.
+    pub window: AtomicU8,
+}
+
+impl Quota {
+    fn new(app: &str, quota_type: &str, cost: Cost, label: &str) -> Quota {
+        Quota {
+            quota_type: quota_type.into(),
+            cost,
+            limit_field: user_field::quota(app, quota_type),
+            counter_field: user_field::counter(app, quota_type),
+            bucket_suffix: bucket_field::suffix(app, quota_type, label),
+            window: AtomicU8::new(Window::Month as u8),
+        }
+    }
+
+    /// The window the next decision should send bounds for.
+    pub fn window(&self) -> Window {
+        let i = self.window.load(Ordering::Relaxed) as usize;
+        Window::ALL.get(i).copied().unwrap_or(Window::Month)
+    }
+
+    pub fn learn_window(&self, window: Window) {
+        self.window.store(window as u8, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +137,7 @@ pub struct Route {
     pub label: Arc<str>,
     pub public: bool,
     /// The quota type and cost, for metered routes.
-    pub quota: Option<(Arc<str>, Cost)>,
+    pub quota: Option<Arc<Quota>>,
     pub rate_limits: Arc<[RateLimit]>,
 }
 
@@ -118,7 +161,12 @@ fn parse_period(s: &str) -> Option<u64> {
     (ms > 0).then_some(ms)
 }
 
-fn compile_limits(specs: &[RateLimitSpec], at: &str, problems: &mut Vec<String>) -> Vec<RateLimit> {
+fn compile_limits(
+    app: &str,
+    specs: &[RateLimitSpec],
+    at: &str,
+    problems: &mut Vec<String>,
+) -> Vec<RateLimit> {
     let mut out: Vec<RateLimit> = Vec::new();
     for spec in specs {
         let ok_name = !spec.name.is_empty()
@@ -163,6 +211,7 @@ fn compile_limits(specs: &[RateLimitSpec], at: &str, problems: &mut Vec<String>)
             rate: spec.rate,
             period_ms,
             burst,
+            field: user_field::rate(app, &spec.name),
         });
     }
     out
@@ -260,6 +309,7 @@ impl Routes {
             }),
         };
         let global: Arc<[RateLimit]> = compile_limits(
+            &spec.app,
             &spec.rate_limits,
             &format!("{origin}: rate_limits"),
             &mut problems,
@@ -299,6 +349,7 @@ impl Routes {
                 problems.push(format!("{at}: {e}"));
                 Vec::new()
             });
+            let label = format!("{} {}", r.method.to_ascii_uppercase(), r.path);
             let quota = match (&r.quota, &r.cost) {
                 (None, None) => None,
                 (Some(_), _) if r.public => {
@@ -332,7 +383,7 @@ impl Routes {
                             Cost::Fixed(1)
                         }
                     };
-                    Some((Arc::from(q.as_str()), cost))
+                    Some(Arc::new(Quota::new(&spec.app, q, cost, &label)))
                 }
                 (None, Some(_)) => {
                     problems.push(format!("{at}: cost without quota"));
@@ -340,13 +391,13 @@ impl Routes {
                 }
             };
             let rate_limits = match &r.rate_limits {
-                Some(specs) => compile_limits(specs, &at, &mut problems).into(),
+                Some(specs) => compile_limits(&spec.app, specs, &at, &mut problems).into(),
                 None => global.clone(),
             };
             routes.push(Route {
                 method,
                 segments: segments.into(),
-                label: format!("{} {}", r.method.to_ascii_uppercase(), r.path).into(),
+                label: label.into(),
                 public: r.public,
                 quota,
                 rate_limits,
@@ -492,7 +543,10 @@ mod tests {
         assert!(routes.find(&Method::GET, "/health").public);
         let upload = routes.find(&Method::POST, "/upload");
         assert_eq!(
-            upload.quota.as_ref().map(|(q, c)| (q.to_string(), *c)),
+            upload
+                .quota
+                .as_ref()
+                .map(|q| (q.quota_type.to_string(), q.cost)),
             Some(("storage_bytes".to_owned(), Cost::RequestBodyBytes))
         );
         let limits = &routes.find(&Method::GET, "/results/x").rate_limits;

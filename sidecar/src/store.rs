@@ -5,14 +5,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use chrono_tz::Tz;
 use fred::prelude::*;
 use fred::types::scripts::Script;
-use tollgate_common::keys::{Keys, api_key_field};
-use tollgate_common::window::{self, Window};
+use tollgate_common::keys::{self, Keys, api_key_field};
+use tollgate_common::window::{BoundsCache, Window};
 use uuid::Uuid;
 
-use crate::routes::RateLimit;
+use crate::routes::{Quota, RateLimit};
 
 static DECIDE: &str = include_str!("../../lua/decide.lua");
 static SETTLE: &str = include_str!("../../lua/settle.lua");
@@ -55,32 +54,35 @@ pub struct Store {
     settle: Script,
 }
 
-/// One quota a request is charged.
-#[derive(Clone, Copy)]
-pub struct Charge<'a> {
-    pub quota_type: &'a str,
-    pub cost: u64,
-    pub event_id: Uuid,
-    /// Take everything that remains (an upload of unknown length); settle commits the real size.
-    pub reserve: bool,
-}
-
+/// What one request asks `decide.lua` for.
 #[derive(Clone, Copy)]
 pub struct DecideInput<'a> {
     pub user: Uuid,
-    /// The sidecar's own id of this request (settle.lua's marker).
-    pub request: &'a str,
+    /// The sidecar's own id of this request, naming its settle marker (never a client's id).
+    pub settle_id: &'a str,
     /// The access token's issued-at (s), or 0 for API keys.
     pub iat: i64,
-    pub app: &'a str,
-    pub method: &'a str,
-    pub path: &'a str,
-    pub charges: &'a [Charge<'a>],
+    /// The route's quota and this request's cost, for metered routes.
+    pub charge: Option<Charge<'a>>,
     pub rates: &'a [RateLimit],
-    pub now: DateTime<Utc>,
-    pub time_zone: Tz,
+    pub now_ms: i64,
+    /// How long the settle marker lives (the sidecar renews it while the app is answering).
+    pub marker_ttl_ms: u64,
+    pub windows: &'a BoundsCache,
 }
 
+/// The quota one request is charged.
+#[derive(Clone, Copy)]
+pub struct Charge<'a> {
+    pub quota: &'a Quota,
+    /// The cost; for a reservation, the most to take.
+    pub cost: u64,
+    /// Take up to `cost` of what remains (an upload of unknown length); settle commits the
+    /// real size.
+    pub reserve: bool,
+}
+
+/// What an admitted request was charged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Charged {
     pub limit: i64,
@@ -89,8 +91,6 @@ pub struct Charged {
     pub resets_at_ms: i64,
     pub taken: i64,
     pub window_start_ms: i64,
-    /// The usage event's stream entry, if one was appended.
-    pub entry_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,18 +101,21 @@ pub enum Decision {
     /// The access token was issued before the user's cut-off.
     Revoked,
     RateLimited {
-        name: String,
+        /// Index into the route's rate limits.
+        rule: usize,
         retry_after_ms: i64,
     },
     QuotaExceeded {
-        quota_type: String,
         limit: i64,
         used: i64,
         resets_at_ms: i64,
     },
+    /// A refund for this request got there first (its answer had been given up on).
+    Cancelled,
     Admitted {
         plan: String,
-        charged: Vec<Charged>,
+        /// `None` for a route without a quota.
+        charged: Option<Charged>,
         /// Per rate limit: remaining requests and ms until fully reset.
         rates: Vec<(i64, i64)>,
     },
@@ -127,8 +130,18 @@ pub struct KeyRecord {
     pub expires_at: i64,
 }
 
-fn num(values: &[String], i: usize) -> i64 {
-    values.get(i).and_then(|v| v.parse().ok()).unwrap_or(0)
+/// How a request is settled.
+pub struct SettleInput<'a> {
+    pub refund: bool,
+    pub user: Uuid,
+    pub settle_id: &'a str,
+    pub quota: &'a Quota,
+    /// The `now_ms` its decision was made with: which minute's bucket it added to.
+    pub decided_ms: i64,
+    /// The real amount, for a commit.
+    pub actual: u64,
+    /// How long a refund's tombstone lives when it finds no marker.
+    pub marker_ttl_ms: u64,
 }
 
 impl Store {
@@ -167,87 +180,110 @@ impl Store {
             .map_err(op("ping"))
     }
 
+    /// Admits or refuses one request (`lua/decide.lua`): one EVALSHA, or two the first time a
+    /// route meets a quota whose window it has not learned yet.
     pub async fn decide(&self, input: &DecideInput<'_>) -> Result<Decision, StoreError> {
+        let first = self.decide_once(input).await?;
+        let Reply::Window(window) = first else {
+            return first.into_decision();
+        };
+        // Learn the window and ask again with its bounds; a second mismatch is a fault.
+        if let Some(charge) = input.charge {
+            charge.quota.learn_window(window);
+        }
+        match self.decide_once(input).await? {
+            Reply::Window(w) => Err(unexpected(
+                "decide",
+                format!("the quota's window changed twice ({w:?})"),
+            )),
+            reply => reply.into_decision(),
+        }
+    }
+
+    async fn decide_once(&self, input: &DecideInput<'_>) -> Result<Reply, StoreError> {
         let user = input.user;
-        let mut keys = Vec::with_capacity(2 + input.charges.len() + input.rates.len());
+        let user_id = user.to_string();
+        let shard = keys::shard(user);
+        let mut keys = Vec::with_capacity(3);
         keys.push(self.keys.user(user));
-        keys.push(self.keys.usage_stream(tollgate_common::keys::shard(user)));
-        for charge in input.charges {
-            keys.push(self.keys.counter(user, input.app, charge.quota_type));
+        let nq = usize::from(input.charge.is_some());
+        let mut args: Vec<Value> = Vec::with_capacity(5 + 9 * nq + 4 * input.rates.len());
+        args.push(input.now_ms.into());
+        args.push(input.iat.into());
+        args.push(user_id.into());
+        args.push((input.rates.len() as i64).into());
+        args.push((nq as i64).into());
+        if let Some(charge) = input.charge {
+            let quota = charge.quota;
+            let window = quota.window();
+            let (start, end) = input.windows.get(window, input.now_ms);
+            keys.push(self.keys.bucket(shard, keys::bucket_start(input.now_ms)));
+            keys.push(self.keys.marker(user, input.settle_id));
+            args.push(quota.limit_field.as_str().into());
+            args.push(quota.counter_field.as_str().into());
+            args.push(quota.bucket_suffix.as_str().into());
+            args.push(clamp(charge.cost).into());
+            args.push(if charge.reserve { "reserve" } else { "fixed" }.into());
+            args.push(window.as_str().into());
+            args.push(start.into());
+            args.push(end.into());
+            args.push(clamp(input.marker_ttl_ms).into());
         }
         for rate in input.rates {
-            keys.push(self.keys.rate(user, input.app, &rate.name));
-        }
-        keys.push(self.keys.settled(user, input.request));
-        let mut args: Vec<String> =
-            Vec::with_capacity(20 + 4 * (input.charges.len() + input.rates.len()));
-        args.push(input.now.timestamp_millis().to_string());
-        args.push(input.iat.to_string());
-        args.push(user.to_string());
-        args.push(input.app.to_owned());
-        args.push(input.method.to_owned());
-        args.push(input.path.to_owned());
-        args.push(input.charges.len().to_string());
-        args.push(input.rates.len().to_string());
-        let bounds: Vec<window::Bounds> = Window::ALL
-            .iter()
-            .map(|w| window::bounds(*w, input.now, input.time_zone))
-            .collect();
-        for b in &bounds {
-            args.push(b.start.timestamp_millis().to_string());
-        }
-        for b in &bounds {
-            args.push(b.end.map_or(0, |e| e.timestamp_millis()).to_string());
-        }
-        for charge in input.charges {
-            args.push(charge.quota_type.to_owned());
-            args.push(charge.cost.to_string());
-            args.push(charge.event_id.to_string());
-            args.push(if charge.reserve { "reserve" } else { "fixed" }.to_owned());
-        }
-        for rate in input.rates {
-            args.push(rate.name.clone());
-            args.push(rate.rate.to_string());
-            args.push(rate.period_ms.to_string());
-            args.push(rate.burst.to_string());
+            args.push(rate.field.as_str().into());
+            args.push(clamp(rate.rate).into());
+            args.push(clamp(rate.period_ms).into());
+            args.push(clamp(rate.burst).into());
         }
         let out: Vec<String> = self
             .decide
             .evalsha_with_reload(&self.client, keys, args)
             .await
             .map_err(op("decide"))?;
-        Ok(parse_decision(&out, input.charges.len(), input.rates.len()))
+        parse_decision(&out, nq == 1, input.rates.len())
     }
 
-    /// Gives back what `decide` took (`refund`), or commits a reserved upload's actual size.
+    /// Gives back what `decide` took (`refund`), or commits a reserved upload's actual size
+    /// (`lua/settle.lua`). `Ok(false)`: there was nothing to settle (never decided, or settled).
     pub async fn settle(&self, input: &SettleInput<'_>) -> Result<bool, StoreError> {
         let user = input.user;
-        let mut keys = Vec::with_capacity(2 + input.items.len());
-        keys.push(self.keys.usage_stream(tollgate_common::keys::shard(user)));
-        keys.push(self.keys.settled(user, input.request_id));
-        for item in input.items {
-            keys.push(self.keys.counter(user, input.app, item.quota_type));
-        }
-        let mut args: Vec<String> = vec![
-            if input.refund { "refund" } else { "commit" }.to_owned(),
-            user.to_string(),
-            input.app.to_owned(),
-            input.method.to_owned(),
-            input.path.to_owned(),
-            input.now.timestamp_millis().to_string(),
-            input.items.len().to_string(),
+        let keys = vec![
+            self.keys.user(user),
+            self.keys.marker(user, input.settle_id),
+            self.keys
+                .bucket(keys::shard(user), keys::bucket_start(input.decided_ms)),
         ];
-        for item in input.items {
-            args.push(item.quota_type.to_owned());
-            args.push(item.event_id.to_string());
-            args.push(item.actual.to_string());
-        }
+        let args: Vec<Value> = vec![
+            if input.refund { "refund" } else { "commit" }.into(),
+            input.quota.counter_field.as_str().into(),
+            user.to_string().into(),
+            input.quota.bucket_suffix.as_str().into(),
+            clamp(input.actual).into(),
+            clamp(input.marker_ttl_ms).into(),
+        ];
         let settled: i64 = self
             .settle
             .evalsha_with_reload(&self.client, keys, args)
             .await
             .map_err(op("settle"))?;
         Ok(settled == 1)
+    }
+
+    /// Keeps a request's settle marker alive while the app is still answering.
+    pub async fn renew_marker(
+        &self,
+        user: Uuid,
+        settle_id: &str,
+        ttl_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.client
+            .pexpire::<(), _>(
+                self.keys.marker(user, settle_id),
+                clamp(ttl_ms),
+                Some(fred::types::ExpireOptions::XX),
+            )
+            .await
+            .map_err(op("renew marker"))
     }
 
     /// The owner of an API key, by the hex of its hash; `None` if Redis has no live key so.
@@ -283,61 +319,133 @@ impl Store {
     }
 }
 
-pub struct SettleItem<'a> {
-    pub quota_type: &'a str,
-    pub event_id: Uuid,
-    /// The real amount, for `commit`.
-    pub actual: u64,
+/// A script's answer, before it is a [`Decision`].
+enum Reply {
+    Decided(Decision),
+    /// The quota's window is not the one bounds were sent for.
+    Window(Window),
 }
 
-pub struct SettleInput<'a> {
-    pub refund: bool,
-    pub user: Uuid,
-    pub request_id: &'a str,
-    pub app: &'a str,
-    pub method: &'a str,
-    pub path: &'a str,
-    pub now: DateTime<Utc>,
-    pub items: &'a [SettleItem<'a>],
+impl Reply {
+    fn into_decision(self) -> Result<Decision, StoreError> {
+        match self {
+            Reply::Decided(d) => Ok(d),
+            Reply::Window(w) => Err(unexpected("decide", format!("window {w:?}"))),
+        }
+    }
 }
 
-fn parse_decision(out: &[String], charges: usize, rates: usize) -> Decision {
-    match out.first().map(String::as_str) {
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A reply the scripts never give: not transient, so the request is refused (fail-closed) or
+/// forwarded uncounted (fail-open) like any other fault, never admitted with made-up figures.
+fn unexpected(op: &'static str, what: String) -> StoreError {
+    StoreError {
+        op,
+        source: Error::new(ErrorKind::Parse, format!("unexpected reply: {what}")),
+    }
+}
+
+fn parse_decision(out: &[String], metered: bool, rates: usize) -> Result<Reply, StoreError> {
+    let bad = || unexpected("decide", format!("{out:?}"));
+    let num = |i: usize| -> Result<i64, StoreError> {
+        out.get(i).and_then(|v| v.parse().ok()).ok_or_else(bad)
+    };
+    let decision = match out.first().map(String::as_str) {
         Some("missing") => Decision::Missing,
         Some("disabled") => Decision::Disabled,
         Some("revoked") => Decision::Revoked,
+        Some("cancelled") => Decision::Cancelled,
         Some("rate_limited") => Decision::RateLimited {
-            name: out.get(1).cloned().unwrap_or_default(),
-            retry_after_ms: num(out, 2),
+            rule: usize::try_from(num(1)?)
+                .map_err(|_| bad())?
+                .saturating_sub(1),
+            retry_after_ms: num(2)?,
         },
         Some("quota_exceeded") => Decision::QuotaExceeded {
-            quota_type: out.get(1).cloned().unwrap_or_default(),
-            limit: num(out, 2),
-            used: num(out, 3),
-            resets_at_ms: num(out, 4),
+            limit: num(1)?,
+            used: num(2)?,
+            resets_at_ms: num(3)?,
         },
-        _ => {
-            let mut charged = Vec::with_capacity(charges);
-            for i in 0..charges {
-                let at = 2 + i * 6;
-                charged.push(Charged {
-                    limit: num(out, at),
-                    remaining: num(out, at + 1),
-                    resets_at_ms: num(out, at + 2),
-                    taken: num(out, at + 3),
-                    window_start_ms: num(out, at + 4),
-                    entry_id: out.get(at + 5).cloned().unwrap_or_default(),
-                });
-            }
-            let base = 2 + charges * 6;
-            let rates = (0..rates)
-                .map(|i| (num(out, base + i * 2), num(out, base + i * 2 + 1)))
-                .collect();
-            Decision::Admitted {
-                plan: out.get(1).cloned().unwrap_or_default(),
-                charged,
-                rates,
-            }
+        Some("window") => {
+            let window = out.get(1).and_then(|w| Window::parse(w)).ok_or_else(bad)?;
+            return Ok(Reply::Window(window));
+        }
+        Some("ok") if out.len() == 7 + 2 * rates => Decision::Admitted {
+            plan: out.get(1).cloned().unwrap_or_default(),
+            charged: if metered {
+                Some(Charged {
+                    limit: num(2)?,
+                    remaining: num(3)?,
+                    resets_at_ms: num(4)?,
+                    taken: num(5)?,
+                    window_start_ms: num(6)?,
+                })
+            } else {
+                None
+            },
+            rates: (0..rates)
+                .map(|i| Ok((num(7 + i * 2)?, num(8 + i * 2)?)))
+                .collect::<Result<_, StoreError>>()?,
+        },
+        _ => return Err(bad()),
+    };
+    Ok(Reply::Decided(decision))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn replies_decode_or_fail() {
+        let ok = parse_decision(
+            &reply(&["ok", "pro", "10", "7", "99", "1", "5", "3", "400"]),
+            true,
+            1,
+        );
+        let Ok(Reply::Decided(Decision::Admitted {
+            plan,
+            charged,
+            rates,
+        })) = ok
+        else {
+            panic!("admitted");
+        };
+        assert_eq!(plan, "pro");
+        assert_eq!(
+            charged.map(|c| (c.limit, c.remaining, c.taken)),
+            Some((10, 7, 1))
+        );
+        assert_eq!(rates, vec![(3, 400)]);
+        assert!(matches!(
+            parse_decision(&reply(&["window", "day"]), true, 0),
+            Ok(Reply::Window(Window::Day))
+        ));
+        assert!(matches!(
+            parse_decision(&reply(&["rate_limited", "2", "1500"]), false, 2),
+            Ok(Reply::Decided(Decision::RateLimited {
+                rule: 1,
+                retry_after_ms: 1500
+            }))
+        ));
+        // Anything else is an error, never an admission with zeros.
+        for bad in [
+            reply(&[]),
+            reply(&["ok"]),
+            reply(&["ok", "pro", "10", "7", "99", "1", "5"]),
+            reply(&["ok", "pro", "x", "7", "99", "1", "5", "3", "400"]),
+            reply(&["window", "fortnight"]),
+            reply(&["what"]),
+        ] {
+            let err = parse_decision(&bad, true, 1).err().expect("an error");
+            assert!(!err.is_transient(), "{bad:?}");
         }
     }
 }

@@ -24,6 +24,9 @@ e2e_venv --check 'import yaml' pyyaml
 ensure_promtool
 info "metrics: promtool $("$PROMTOOL" --version 2>&1 | head -n 1 | awk '{print $3}')"
 
+# Usage buckets are drained once their minute has closed; no extra grace here, so the drain's
+# counters move within about a minute of the traffic (the check waits for them).
+export TOLLGATE_USAGE_CLOSE_GRACE=0s
 e2e_up
 [[ " $PARTS " == *" sidecar "* ]] ||
     die "the stack started no sidecar (parts: $PARTS); build it: cargo build -p tollgate-sidecar"
@@ -34,4 +37,5 @@ e2e_up
     --cp "$CP" \
     --proxy "$SIDECAR" \
     --admin "http://127.0.0.1:$TOLLGATE_SIDECAR_ADMIN_PORT" \
+    --wait 90 \
     "$@"

@@ -64,7 +64,7 @@ TRAFFIC_SEEN = [
     ("sidecar", "tollgate_sidecar_refunds_total", {"reason": "app_error"}, 1),
     ("sidecar", "tollgate_sidecar_upstream_duration_seconds_count", {}, 3),
     ("control plane", "tollgate_cp_http_requests_total", {"route": "/v1/auth/register", "status": "201"}, 1),
-    ("control plane", "tollgate_cp_usage_events_ingested_total", {}, 1),
+    ("control plane", "tollgate_cp_usage_entries_drained_total", {}, 1),
 ]
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

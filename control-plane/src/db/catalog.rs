@@ -244,17 +244,21 @@ pub async fn add_grant(
     Ok((row.get(0), row.get(1)))
 }
 
+/// Records an admin reset of a window and what it cleared (the counter's value before it), so
+/// that a counter rebuilt from the ledger honours it.
 pub async fn add_reset(
     client: &impl tokio_postgres::GenericClient,
     user: Uuid,
     quota_type: i64,
     window_start: DateTime<Utc>,
+    cleared: i64,
     actor: Uuid,
 ) -> Result<(), DbError> {
     client
         .execute(
-            "INSERT INTO quota_resets (user_id, quota_type_id, window_start, actor_id) VALUES ($1, $2, $3, $4)",
-            &[&user, &quota_type, &window_start, &actor],
+            "INSERT INTO quota_resets (user_id, quota_type_id, window_start, cleared, actor_id)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[&user, &quota_type, &window_start, &cleared.max(0), &actor],
         )
         .await
         .map_err(DbError::op("insert reset"))?;

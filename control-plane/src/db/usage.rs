@@ -1,143 +1,319 @@
-//! The usage ledger: one row per admitted, successful metered request, keyed by the event id the
-//! sidecar generated, so a redelivered event is ignored and a refunded one ends up absent.
+//! The usage ledger: aggregates per (user, app, quota type, route) and minute (`usage_minutes`)
+//! and per month of the app's time zone (`usage_months`), drained from the sidecars' Redis
+//! buckets. Each drain pass's stamp is applied once (`usage_drains`), so a pass read twice adds
+//! nothing; late additions to a drained minute (refunds) are added to its row.
+
+use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
+use tollgate_common::window::Window;
 use uuid::Uuid;
 
 use super::DbError;
 
-/// A usage event as drained from a sidecar stream.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub event_id: Uuid,
+/// One drained bucket entry: what one user's calls of one route took in one minute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
     pub user_id: Uuid,
+    pub minute: DateTime<Utc>,
     pub app: String,
     pub quota_type: String,
+    pub route: String,
     pub amount: i64,
-    pub method: String,
-    pub path: String,
-    pub at: DateTime<Utc>,
+    pub calls: i64,
 }
 
-/// Records a batch of usage events and refunds in one transaction; returns how many rows were
-/// inserted. Events for an unknown user or quota type are dropped (and counted by the caller),
-/// never allowed to block the stream.
+/// What [`record`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// Entries of stamps applied now.
+    pub applied: usize,
+    /// Entries of stamps already applied (a pass read twice).
+    pub duplicate: usize,
+    /// Entries of applied stamps dropped: unknown user, app or quota type.
+    pub dropped: u64,
+}
+
+/// Records drained buckets, each entry with the stamp of the pass that staged it, in the
+/// caller's transaction. Stamps are claimed in sorted order, so concurrent drainers never
+/// deadlock on them; entries of a stamp another drainer holds wait for its commit and are then
+/// skipped.
 pub async fn record(
     tx: &tokio_postgres::Transaction<'_>,
-    events: &[Event],
-    refunds: &[Uuid],
-) -> Result<u64, DbError> {
-    // Advisory locks serialise an event with its refund across replicas: one lock per bucket
-    // of event ids (at most 256 per transaction, however large the batch, so PostgreSQL's lock
-    // table never fills), taken in a fixed order so two batches never deadlock.
-    let mut buckets: Vec<i32> = events
+    entries: &[(Uuid, Bucket)],
+) -> Result<Recorded, DbError> {
+    let mut stamps: Vec<Uuid> = entries.iter().map(|(s, _)| *s).collect();
+    stamps.sort_unstable();
+    stamps.dedup();
+    if stamps.is_empty() {
+        return Ok(Recorded::default());
+    }
+    let fresh: HashSet<Uuid> = tx
+        .query(
+            "INSERT INTO usage_drains (stamp)
+             SELECT s FROM unnest($1::uuid[]) WITH ORDINALITY AS t(s, i) ORDER BY i
+             ON CONFLICT DO NOTHING RETURNING stamp",
+            &[&stamps],
+        )
+        .await
+        .map_err(DbError::op("claim drain stamps"))?
         .iter()
-        .map(|e| e.event_id)
-        .chain(refunds.iter().copied())
-        .map(|id| (id.as_u128() % 256) as i32)
+        .map(|r| r.get(0))
         .collect();
-    buckets.sort_unstable();
-    buckets.dedup();
-    // A plain scan of the sorted array takes the locks in its order.
+    let apply: Vec<&Bucket> = entries
+        .iter()
+        .filter(|(s, _)| fresh.contains(s))
+        .map(|(_, b)| b)
+        .collect();
+    let mut out = Recorded {
+        applied: apply.len(),
+        duplicate: entries.len() - apply.len(),
+        dropped: 0,
+    };
+    if apply.is_empty() {
+        return Ok(out);
+    }
+    let users: Vec<Uuid> = apply.iter().map(|b| b.user_id).collect();
+    let minutes: Vec<DateTime<Utc>> = apply.iter().map(|b| b.minute).collect();
+    let apps: Vec<&str> = apply.iter().map(|b| b.app.as_str()).collect();
+    let types: Vec<&str> = apply.iter().map(|b| b.quota_type.as_str()).collect();
+    let routes: Vec<&str> = apply.iter().map(|b| b.route.as_str()).collect();
+    let amounts: Vec<i64> = apply.iter().map(|b| b.amount).collect();
+    let calls: Vec<i64> = apply.iter().map(|b| b.calls).collect();
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
+        [&users, &minutes, &apps, &types, &routes, &amounts, &calls];
+    // Entries for a user, app or quota type that does not exist (deleted meanwhile, or a
+    // misconfigured sidecar) are dropped, never allowed to block the drain.
+    const KNOWN: &str = "
+        FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                    $6::int8[], $7::int8[])
+             AS b(user_id, minute, app_id, quota_key, route, amount, calls)
+        JOIN apps a ON a.id = b.app_id
+        WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = b.user_id)
+          AND EXISTS (SELECT 1 FROM quota_types q WHERE q.app_id = b.app_id AND q.key = b.quota_key)
+          AND length(b.route) BETWEEN 1 AND 600";
+    let known: i64 = tx
+        .query_one(&format!("SELECT count(*) {KNOWN}"), &params)
+        .await
+        .map_err(DbError::op("check usage entries"))?
+        .get(0);
+    out.dropped = (apply.len() as i64 - known).max(0) as u64;
+    // Rows are written in key order, so two drainers never wait on each other in a cycle.
     tx.execute(
-        "SELECT pg_advisory_xact_lock(7478, b) FROM unnest($1::int4[]) AS t(b)",
-        &[&buckets],
+        &format!(
+            "INSERT INTO usage_minutes (user_id, minute, app_id, quota_key, route, amount, calls)
+             SELECT b.user_id, date_trunc('minute', b.minute), b.app_id, b.quota_key, b.route,
+                    sum(b.amount), sum(b.calls)
+             {KNOWN}
+             GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+             ON CONFLICT (user_id, minute, app_id, quota_key, route) DO UPDATE
+             SET amount = usage_minutes.amount + excluded.amount,
+                 calls = usage_minutes.calls + excluded.calls"
+        ),
+        &params,
     )
     .await
-    .map_err(DbError::op("lock usage events"))?;
-    if !refunds.is_empty() {
-        tx.execute(
-            "INSERT INTO usage_refunds (event_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING",
-            &[&refunds],
-        )
-        .await
-        .map_err(DbError::op("record refunds"))?;
-        tx.execute(
-            "DELETE FROM usage_events WHERE event_id = ANY($1)",
-            &[&refunds],
-        )
-        .await
-        .map_err(DbError::op("delete refunded events"))?;
-    }
-    if events.is_empty() {
-        return Ok(0);
-    }
-    let event_ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-    let users: Vec<Uuid> = events.iter().map(|e| e.user_id).collect();
-    let apps: Vec<&str> = events.iter().map(|e| e.app.as_str()).collect();
-    let types: Vec<&str> = events.iter().map(|e| e.quota_type.as_str()).collect();
-    let amounts: Vec<i64> = events.iter().map(|e| e.amount).collect();
-    let methods: Vec<&str> = events.iter().map(|e| e.method.as_str()).collect();
-    let paths: Vec<&str> = events.iter().map(|e| e.path.as_str()).collect();
-    let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.at).collect();
-    let inserted = tx
-        .execute(
-            "INSERT INTO usage_events (event_id, user_id, app_id, quota_key, amount, method, path, created_at)
-             SELECT e.* FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bigint[],
-                                    $6::text[], $7::text[], $8::timestamptz[])
-                  AS e(event_id, user_id, app_id, quota_key, amount, method, path, created_at)
-             WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = e.user_id)
-               AND EXISTS (SELECT 1 FROM quota_types q WHERE q.app_id = e.app_id AND q.key = e.quota_key)
-               AND NOT EXISTS (SELECT 1 FROM usage_refunds r WHERE r.event_id = e.event_id)
-               AND e.amount >= 0 AND length(e.method) BETWEEN 1 AND 16
-             ON CONFLICT (event_id) DO NOTHING",
-            &[&event_ids, &users, &apps, &types, &amounts, &methods, &paths, &times],
-        )
-        .await
-        .map_err(DbError::op("insert usage events"))?;
-    Ok(inserted)
+    .map_err(DbError::op("record usage minutes"))?;
+    tx.execute(
+        &format!(
+            "INSERT INTO usage_months (user_id, month, app_id, quota_key, route, amount, calls)
+             SELECT b.user_id, date_trunc('month', b.minute, a.time_zone), b.app_id, b.quota_key,
+                    b.route, sum(b.amount), sum(b.calls)
+             {KNOWN}
+             GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+             ON CONFLICT (user_id, month, app_id, quota_key, route) DO UPDATE
+             SET amount = usage_months.amount + excluded.amount,
+                 calls = usage_months.calls + excluded.calls"
+        ),
+        &params,
+    )
+    .await
+    .map_err(DbError::op("record usage months"))?;
+    Ok(out)
 }
 
-/// One ledger row as `GET /v1/usage` shows it.
-#[derive(Debug, Clone)]
+/// Where the drain resumes after an outage: every minute before this was drained for good.
+pub async fn drain_cursor(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Option<DateTime<Utc>>, DbError> {
+    Ok(client
+        .query_opt("SELECT drained FROM usage_drain_cursor", &[])
+        .await
+        .map_err(DbError::op("read drain cursor"))?
+        .map(|r| r.get(0)))
+}
+
+/// Moves the drain's catch-up point forward (never back).
+pub async fn advance_drain_cursor(
+    client: &impl tokio_postgres::GenericClient,
+    to: DateTime<Utc>,
+) -> Result<(), DbError> {
+    client
+        .execute(
+            "INSERT INTO usage_drain_cursor (drained) VALUES ($1)
+             ON CONFLICT (id) DO UPDATE SET drained = GREATEST(usage_drain_cursor.drained, excluded.drained)",
+            &[&to],
+        )
+        .await
+        .map_err(DbError::op("advance drain cursor"))?;
+    Ok(())
+}
+
+/// Deletes minute rows older than `minutes_before` and drain stamps older than `stamps_before`,
+/// in slices so no statement holds its locks for long; returns how many rows of each.
+pub async fn prune(
+    client: &impl tokio_postgres::GenericClient,
+    minutes_before: DateTime<Utc>,
+    stamps_before: DateTime<Utc>,
+) -> Result<(u64, u64), DbError> {
+    let mut minutes = 0;
+    loop {
+        let n = client
+            .execute(
+                "DELETE FROM usage_minutes WHERE ctid IN (
+                     SELECT ctid FROM usage_minutes WHERE minute < $1 LIMIT 10000)",
+                &[&minutes_before],
+            )
+            .await
+            .map_err(DbError::op("prune usage minutes"))?;
+        minutes += n;
+        if n < 10000 {
+            break;
+        }
+    }
+    let stamps = client
+        .execute(
+            "DELETE FROM usage_drains WHERE drained_at < $1",
+            &[&stamps_before],
+        )
+        .await
+        .map_err(DbError::op("prune drain stamps"))?;
+    Ok((minutes, stamps))
+}
+
+/// How usage is summed per period in `GET /v1/usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    Minute,
+    Hour,
+    Day,
+    Month,
+}
+
+impl Granularity {
+    pub fn parse(s: &str) -> Option<Granularity> {
+        Some(match s {
+            "minute" => Granularity::Minute,
+            "hour" => Granularity::Hour,
+            "day" => Granularity::Day,
+            "month" => Granularity::Month,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granularity::Minute => "minute",
+            Granularity::Hour => "hour",
+            Granularity::Day => "day",
+            Granularity::Month => "month",
+        }
+    }
+}
+
+/// One period of usage as `GET /v1/usage` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRow {
-    pub id: i64,
     pub app: String,
     pub quota_type: String,
+    pub route: String,
+    pub period_start: DateTime<Utc>,
     pub amount: i64,
-    pub method: String,
-    pub path: String,
-    pub status: Option<i16>,
-    pub created_at: DateTime<Utc>,
+    pub calls: i64,
 }
+
+/// Keyset position: rows strictly before this in the page order.
+pub type UsageKey = (DateTime<Utc>, String, String, String);
 
 pub struct UsageQuery<'a> {
     pub user: Uuid,
     pub app: Option<&'a str>,
     pub quota_type: Option<&'a str>,
+    pub route: Option<&'a str>,
+    pub granularity: Granularity,
+    /// Counted minutes (months, for month granularity) start at or after `from` and before `to`.
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
-    /// Keyset: rows strictly older than this (created_at, id).
-    pub before: Option<(DateTime<Utc>, i64)>,
+    pub before: Option<UsageKey>,
     pub limit: i64,
 }
 
-/// A page of a user's usage, newest first.
+/// A page of a user's usage, newest period first (then app, type and route, descending), with
+/// periods in each app's time zone. Periods whose calls were all refunded are left out.
 pub async fn page(
     client: &impl tokio_postgres::GenericClient,
     q: &UsageQuery<'_>,
 ) -> Result<Vec<UsageRow>, DbError> {
-    let (before_time, before_id) = q.before.unzip();
+    let (table, time, period, slack) = match q.granularity {
+        Granularity::Month => ("usage_months", "m.month", "m.month", "0 days"),
+        g => (
+            "usage_minutes",
+            "m.minute",
+            match g {
+                Granularity::Minute => "m.minute",
+                Granularity::Hour => "date_trunc('hour', m.minute, a.time_zone)",
+                _ => "date_trunc('day', m.minute, a.time_zone)",
+            },
+            // A period starting before the cursor may hold minutes up to this much after it.
+            match g {
+                Granularity::Minute => "1 minute",
+                Granularity::Hour => "1 hour",
+                _ => "26 hours",
+            },
+        ),
+    };
+    let (b_period, b_app, b_type, b_route) = match &q.before {
+        Some((p, a, t, r)) => (
+            Some(*p),
+            Some(a.as_str()),
+            Some(t.as_str()),
+            Some(r.as_str()),
+        ),
+        None => (None, None, None, None),
+    };
+    let sql = format!(
+        "SELECT app_id, quota_key, route, period, amount, calls FROM (
+             SELECT m.app_id, m.quota_key, m.route, {period} AS period,
+                    sum(m.amount)::int8 AS amount, sum(m.calls)::int8 AS calls
+             FROM {table} m JOIN apps a ON a.id = m.app_id
+             WHERE m.user_id = $1
+               AND ($2::text IS NULL OR m.app_id = $2)
+               AND ($3::text IS NULL OR m.quota_key = $3)
+               AND ($4::text IS NULL OR m.route = $4)
+               AND ($5::timestamptz IS NULL OR {time} >= $5)
+               AND ($6::timestamptz IS NULL OR {time} < $6)
+               AND ($7::timestamptz IS NULL OR {time} < $7 + interval '{slack}')
+             GROUP BY 1, 2, 3, 4
+             HAVING sum(m.amount) <> 0 OR sum(m.calls) <> 0
+         ) t
+         WHERE ($7::timestamptz IS NULL OR (t.period, t.app_id, t.quota_key, t.route) < ($7, $8, $9, $10))
+         ORDER BY t.period DESC, t.app_id DESC, t.quota_key DESC, t.route DESC
+         LIMIT $11"
+    );
     let rows = client
         .query(
-            "SELECT id, app_id, quota_key, amount, method, path, status, created_at
-             FROM usage_events
-             WHERE user_id = $1
-               AND ($2::text IS NULL OR app_id = $2)
-               AND ($3::text IS NULL OR quota_key = $3)
-               AND ($4::timestamptz IS NULL OR created_at >= $4)
-               AND ($5::timestamptz IS NULL OR created_at < $5)
-               AND ($6::timestamptz IS NULL OR (created_at, id) < ($6, $7))
-             ORDER BY created_at DESC, id DESC
-             LIMIT $8",
+            &sql,
             &[
                 &q.user,
                 &q.app,
                 &q.quota_type,
+                &q.route,
                 &q.from,
                 &q.to,
-                &before_time,
-                &before_id,
+                &b_period,
+                &b_app,
+                &b_type,
+                &b_route,
                 &q.limit,
             ],
         )
@@ -146,40 +322,45 @@ pub async fn page(
     Ok(rows
         .iter()
         .map(|r| UsageRow {
-            id: r.get(0),
-            app: r.get(1),
-            quota_type: r.get(2),
-            amount: r.get(3),
-            method: r.get(4),
-            path: r.get(5),
-            status: r.get(6),
-            created_at: r.get(7),
+            app: r.get(0),
+            quota_type: r.get(1),
+            route: r.get(2),
+            period_start: r.get(3),
+            amount: r.get(4),
+            calls: r.get(5),
         })
         .collect())
 }
 
-/// What the ledger says a user used of one quota type since `since` (after the window's start
-/// and any admin reset in it): the basis for rebuilding a lost counter.
-pub async fn used_since(
+/// What the ledger says a user used of one quota type in the window starting at `window_start`,
+/// less what admin resets in that window cleared: the basis for rebuilding a lost counter.
+/// Windows of a month or longer are summed from the month rows (kept for good), shorter ones
+/// from the minute rows.
+pub async fn used_in_window(
     client: &impl tokio_postgres::GenericClient,
     user: Uuid,
     app: &str,
     quota_type: &str,
+    window: Window,
     window_start: DateTime<Utc>,
 ) -> Result<i64, DbError> {
+    let (table, time) = match window {
+        Window::Month | Window::Year | Window::Lifetime => ("usage_months", "month"),
+        Window::Minute | Window::Hour | Window::Day => ("usage_minutes", "minute"),
+    };
     let row = client
         .query_one(
-            "SELECT COALESCE(sum(e.amount), 0)::bigint
-             FROM usage_events e
-             WHERE e.user_id = $1 AND e.app_id = $2 AND e.quota_key = $3
-               AND e.created_at >= GREATEST($4, COALESCE(
-                   (SELECT max(r.reset_at) FROM quota_resets r
-                    JOIN quota_types qt ON qt.id = r.quota_type_id
-                    WHERE r.user_id = $1 AND qt.app_id = $2 AND qt.key = $3 AND r.window_start = $4),
-                   $4))",
+            &format!(
+                "SELECT ((SELECT COALESCE(sum(amount), 0) FROM {table}
+                          WHERE user_id = $1 AND app_id = $2 AND quota_key = $3 AND {time} >= $4)
+                       - (SELECT COALESCE(sum(r.cleared), 0) FROM quota_resets r
+                          JOIN quota_types qt ON qt.id = r.quota_type_id
+                          WHERE r.user_id = $1 AND qt.app_id = $2 AND qt.key = $3
+                            AND r.window_start = $4))::int8"
+            ),
             &[&user, &app, &quota_type, &window_start],
         )
         .await
         .map_err(DbError::op("sum usage"))?;
-    Ok(row.get(0))
+    Ok(row.get::<_, i64>(0).max(0))
 }

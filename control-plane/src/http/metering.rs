@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use fred::interfaces::HashesInterface;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tollgate_common::keys::user_field;
 use tollgate_common::window::{self, Window};
 use uuid::Uuid;
 
@@ -109,14 +110,17 @@ async fn quota_view(state: &AppState, user: Uuid, app: Option<&str>) -> Result<V
             .iter()
             .find(|l| l.app == qt.app && l.quota_type == qt.key)
             .map_or(0, |l| l.limit);
-        let (used, start): (Option<i64>, Option<i64>) = state
+        let counter: Option<String> = state
             .redis
-            .hmget(state.sync.keys.counter(user, app, &qt.key), vec!["u", "w"])
+            .hget(
+                state.sync.keys.user(user),
+                user_field::counter(app, &qt.key),
+            )
             .await
             .map_err(AppError::unavailable)?;
         // A counter of an earlier window means nothing is used in this one yet.
-        let used = match (used, start) {
-            (Some(used), Some(start)) if start == bounds.start.timestamp_millis() => used,
+        let used = match counter.as_deref().and_then(user_field::parse_counter) {
+            Some((used, start)) if start == bounds.start.timestamp_millis() => used,
             _ => 0,
         };
         quotas.push(json!({
@@ -167,36 +171,85 @@ pub struct UsageParams {
     app: Option<String>,
     #[serde(rename = "type")]
     quota_type: Option<String>,
+    route: Option<String>,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
+    granularity: Option<String>,
     limit: Option<i64>,
     cursor: Option<String>,
 }
 
 #[derive(Serialize)]
 pub struct UsageDto {
-    id: String,
     app: String,
     #[serde(rename = "type")]
     quota_type: String,
+    route: String,
+    period_start: String,
+    granularity: &'static str,
     amount: i64,
-    method: String,
-    path: String,
-    status: Option<i16>,
-    created_at: DateTime<Utc>,
+    calls: i64,
 }
 
+/// The app, quota type and route of a usage page's last item: with its period, the page's
+/// cursor.
+struct UsageKey(String, String, String);
+
+impl std::fmt::Display for UsageKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let json =
+            serde_json::to_string(&(&self.0, &self.1, &self.2)).map_err(|_| std::fmt::Error)?;
+        f.write_str(&json)
+    }
+}
+
+impl std::str::FromStr for UsageKey {
+    type Err = serde_json::Error;
+
+    fn from_str(s: &str) -> Result<UsageKey, serde_json::Error> {
+        let (app, quota_type, route) = serde_json::from_str(s)?;
+        Ok(UsageKey(app, quota_type, route))
+    }
+}
+
+/// `GET /v1/usage`: the caller's usage per period and route, from the ledger's aggregates.
 pub async fn usage(
     State(state): State<AppState>,
     auth: AuthUser,
     Query(params): Query<UsageParams>,
 ) -> Result<Json<Page<UsageDto>>, AppError> {
+    Ok(Json(usage_page(&state, auth.id, params).await?))
+}
+
+/// `GET /v1/admin/users/{id}/usage`: another user's `/v1/usage`.
+pub async fn admin_user_usage(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Path(id): Path<String>,
+    Query(params): Query<UsageParams>,
+) -> Result<Json<Page<UsageDto>>, AppError> {
+    auth.require_admin()?;
+    let id = path_id(&id)?;
+    Ok(Json(usage_page(&state, id, params).await?))
+}
+
+async fn usage_page(
+    state: &AppState,
+    user: Uuid,
+    params: UsageParams,
+) -> Result<Page<UsageDto>, AppError> {
     let limit = cursor::limit(params.limit)?;
+    let granularity = match params.granularity.as_deref() {
+        None => db::usage::Granularity::Day,
+        Some(g) => db::usage::Granularity::parse(g)
+            .ok_or_else(|| AppError::invalid("granularity must be minute, hour, day or month"))?,
+    };
     let before = params
         .cursor
         .as_deref()
-        .map(cursor::decode::<i64>)
-        .transpose()?;
+        .map(cursor::decode::<UsageKey>)
+        .transpose()?
+        .map(|(period, UsageKey(app, quota_type, route))| (period, app, quota_type, route));
     if let (Some(from), Some(to)) = (params.from, params.to)
         && from > to
     {
@@ -206,9 +259,11 @@ pub async fn usage(
     let mut rows = db::usage::page(
         &**client,
         &db::usage::UsageQuery {
-            user: auth.id,
+            user,
             app: params.app.as_deref(),
             quota_type: params.quota_type.as_deref(),
+            route: params.route.as_deref(),
+            granularity,
             from: params.from,
             to: params.to,
             before,
@@ -218,26 +273,30 @@ pub async fn usage(
     .await?;
     let next_cursor = if rows.len() as i64 > limit {
         rows.truncate(limit as usize);
-        rows.last().map(|r| cursor::encode(r.created_at, r.id))
+        rows.last().map(|r| {
+            cursor::encode(
+                r.period_start,
+                UsageKey(r.app.clone(), r.quota_type.clone(), r.route.clone()),
+            )
+        })
     } else {
         None
     };
-    Ok(Json(Page {
+    Ok(Page {
         items: rows
             .into_iter()
             .map(|r| UsageDto {
-                id: r.id.to_string(),
                 app: r.app,
                 quota_type: r.quota_type,
+                route: r.route,
+                period_start: rfc3339(r.period_start),
+                granularity: granularity.as_str(),
                 amount: r.amount,
-                method: r.method,
-                path: r.path,
-                status: r.status,
-                created_at: r.created_at,
+                calls: r.calls,
             })
             .collect(),
         next_cursor,
-    }))
+    })
 }
 
 #[derive(Deserialize)]
@@ -345,21 +404,6 @@ pub async fn reset(
     let mut client = state.db.get().await.map_err(DbError::from)?;
     let qt = user_and_type(&**client, user, &body.app, &body.quota_type).await?;
     let bounds = window::bounds(qt.window, Utc::now(), qt.time_zone);
-    let tx = client
-        .transaction()
-        .await
-        .map_err(DbError::op("begin reset"))?;
-    db::catalog::add_reset(&*tx, user, qt.id, bounds.start, auth.id).await?;
-    db::audit::record(
-        &*tx,
-        auth.id,
-        "quota.reset",
-        "user",
-        &user.to_string(),
-        &json!({"app": body.app, "type": body.quota_type, "window_start": rfc3339(bounds.start)}),
-    )
-    .await?;
-    tx.commit().await.map_err(DbError::op("commit reset"))?;
     let limit = db::limits::Limit {
         app: qt.app,
         quota_type: qt.key,
@@ -368,11 +412,28 @@ pub async fn reset(
         window_start: bounds.start,
         window_end: bounds.end,
     };
-    state
+    let tx = client
+        .transaction()
+        .await
+        .map_err(DbError::op("begin reset"))?;
+    // Redis inside the transaction: if it fails, nothing is recorded; what it cleared is
+    // recorded with the reset, so that a counter rebuilt from the ledger honours it.
+    let cleared = state
         .sync
         .reset_counter(user, &limit)
         .await
         .map_err(AppError::unavailable)?;
+    db::catalog::add_reset(&*tx, user, qt.id, bounds.start, cleared, auth.id).await?;
+    db::audit::record(
+        &*tx,
+        auth.id,
+        "quota.reset",
+        "user",
+        &user.to_string(),
+        &json!({"app": body.app, "type": body.quota_type, "window_start": rfc3339(bounds.start), "cleared": cleared}),
+    )
+    .await?;
+    tx.commit().await.map_err(DbError::op("commit reset"))?;
     Ok(StatusCode::NO_CONTENT)
 }
 

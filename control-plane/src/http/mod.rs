@@ -97,8 +97,9 @@ pub fn router(state: AppState) -> Router {
         patch "/v1/admin/users/{id}" => admin::patch_user, Admin, 200 "User", "Disable or enable, promote or demote", body: "{status?, role?}";
         get "/v1/plans" => metering::plans, Public, 200 "{items}", "Plans for sale";
         get "/v1/quota" => metering::quota, User, 200 "Quota view", "The caller's plan and quotas for an app", query: ["app: app id"];
-        get "/v1/usage" => metering::usage, User, 200 "{items, next_cursor}", "The caller's usage, newest first", query: ["app", "type", "from: RFC 3339", "to: RFC 3339", "limit: 1-200", "cursor: from next_cursor"];
+        get "/v1/usage" => metering::usage, User, 200 "{items, next_cursor}", "The caller's usage per period and route, newest period first", query: ["app", "type", "route: METHOD /pattern", "granularity: minute|hour|day|month (default day)", "from: RFC 3339", "to: RFC 3339", "limit: 1-200", "cursor: from next_cursor"];
         get "/v1/admin/users/{id}/quota" => metering::admin_user_quota, Admin, 200 "Quota view", "A user's quota view", query: ["app: app id"];
+        get "/v1/admin/users/{id}/usage" => metering::admin_user_usage, Admin, 200 "{items, next_cursor}", "A user's usage, as /v1/usage", query: ["app", "type", "route: METHOD /pattern", "granularity: minute|hour|day|month (default day)", "from: RFC 3339", "to: RFC 3339", "limit: 1-200", "cursor: from next_cursor"];
         post "/v1/admin/users/{id}/grants" => metering::grant, Admin, 201 "The grant", "Add to a user's limit for the current window", body: "{app, type, amount, reason}";
         post "/v1/admin/users/{id}/reset" => metering::reset, Admin, 204 "Reset", "Set the current window's used to 0", body: "{app, type}";
         post "/v1/admin/apps" => metering::create_app, Admin, 201 "The app", "Register an app", body: "{id, name, time_zone?}";

@@ -220,6 +220,7 @@ pub struct Reply {
     pub body: serde_json::Value,
 }
 
+#[derive(Clone, Copy)]
 pub enum Cred<'a> {
     None,
     Bearer(&'a str),
@@ -452,4 +453,54 @@ pub async fn delete_prefix(redis: &fred::clients::Client, prefix: &str) {
     for key in found {
         let _: Result<(), _> = redis.del(key).await;
     }
+}
+
+/// Drains every usage bucket of the test's prefix into its database as the control plane would
+/// two minutes from now, when the current minute has closed: what a user sees in `/v1/usage`
+/// once time has passed, without waiting for it. (Draining a minute early is safe: a later write
+/// to it starts a new bucket, which a later pass adds.)
+pub async fn drain_now(config: &Config) -> tollgate_control_plane::ledger::Pass {
+    use tollgate_control_plane::ledger::{DrainSettings, Drainer};
+    let db = tollgate_control_plane::db::pool(config.database_url.expose(), 2).expect("pool");
+    let drainer = Drainer::new(
+        db,
+        redis_at(config.redis_url.expose()).await,
+        tollgate_common::keys::Keys::new(config.redis_prefix.clone()),
+        std::sync::Arc::new(tollgate_control_plane::metrics::Metrics::new()),
+        DrainSettings::default(),
+    );
+    let now = chrono::Utc::now().timestamp_millis();
+    drainer
+        .pass_from(now - 20 * 60_000, now + 2 * 60_000)
+        .await
+        .expect("drain pass")
+}
+
+/// The user's usage over every granularity of `GET /v1/usage` (all pages): per granularity, the
+/// sums of amount and calls. They must agree.
+pub async fn usage_totals(api: &Api, cred: Cred<'_>, query: &str) -> Vec<(String, i64, i64)> {
+    let mut out = Vec::new();
+    for g in ["minute", "hour", "day", "month"] {
+        let (mut amount, mut calls) = (0, 0);
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/usage?granularity={g}&limit=7{query}");
+            if let Some(c) = &cursor {
+                path.push_str(&format!("&cursor={c}"));
+            }
+            let page = api.get(&path, cred).await;
+            assert_eq!(page.status, 200, "{path}: {:?}", page.body);
+            for item in page.body["items"].as_array().expect("items") {
+                assert_eq!(item["granularity"], g);
+                amount += item["amount"].as_i64().expect("amount");
+                calls += item["calls"].as_i64().expect("calls");
+            }
+            match page.body["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        out.push((g.to_owned(), amount, calls));
+    }
+    out
 }

@@ -6,7 +6,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,9 +15,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{any, get, post};
-use fred::interfaces::{
-    ClientLike, HashesInterface, KeysInterface, PubsubInterface, StreamsInterface,
-};
+use fred::interfaces::{ClientLike, HashesInterface, KeysInterface, PubsubInterface};
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -189,29 +187,71 @@ impl ControlPlane {
             .expect("publish");
     }
 
+    /// The user's counter of one quota type (any window).
     pub async fn used(&self, user: Uuid, quota_type: &str) -> i64 {
-        let used: Option<i64> = self
+        let counter: Option<String> = self
             .redis
-            .hget(self.keys.counter(user, "idoctor", quota_type), "u")
+            .hget(
+                self.keys.user(user),
+                user_field::counter("idoctor", quota_type),
+            )
             .await
             .expect("hget");
-        used.unwrap_or(0)
+        counter
+            .and_then(|c| user_field::parse_counter(&c))
+            .map_or(0, |(used, _)| used)
     }
 
-    /// Usage events (not refund markers) in the user's shard stream for this user.
-    pub async fn events(&self, user: Uuid) -> Vec<BTreeMap<String, String>> {
-        let stream = self.keys.usage_stream(tollgate_common::keys::shard(user));
-        let entries: Vec<(String, BTreeMap<String, String>)> = self
-            .redis
-            .xrange(stream, "-", "+", None)
+    /// The user's usage in the shard's buckets (live and staged, every minute), by quota type:
+    /// (amount, calls), entries that sum to zero left out.
+    pub async fn usage(&self, user: Uuid) -> BTreeMap<String, (i64, i64)> {
+        use fred::types::scan::Scanner;
+        use futures_util::{StreamExt, TryStreamExt};
+        let pattern = format!(
+            "{}:{{s:{}}}:b:*",
+            self.keys.prefix(),
+            tollgate_common::keys::shard(user)
+        );
+        let mut scan = if self.redis.is_clustered() {
+            self.redis.scan_cluster(pattern, Some(1000), None).boxed()
+        } else {
+            self.redis.scan(pattern, Some(1000), None).boxed()
+        };
+        let mut buckets = Vec::new();
+        while let Ok(Some(mut page)) = scan.try_next().await {
+            buckets.extend(page.take_results().unwrap_or_default());
+        }
+        let mut out: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        for bucket in buckets {
+            let fields: HashMap<String, String> =
+                self.redis.hgetall(bucket).await.expect("hgetall");
+            for (field, value) in &fields {
+                let Some(f) = tollgate_common::keys::bucket_field::parse(field) else {
+                    continue;
+                };
+                if f.user != user {
+                    continue;
+                }
+                let n: i64 = value.parse().expect("a number");
+                let entry = out.entry(f.quota_type.to_owned()).or_default();
+                if f.amount {
+                    entry.0 += n;
+                } else {
+                    entry.1 += n;
+                }
+            }
+        }
+        out.retain(|_, v| *v != (0, 0));
+        out
+    }
+
+    /// Calls of the user that the buckets hold, all quota types together.
+    pub async fn calls(&self, user: Uuid) -> i64 {
+        self.usage(user)
             .await
-            .expect("xrange");
-        entries
-            .into_iter()
-            .map(|(_, fields)| fields)
-            .filter(|f| f.get("k").map(String::as_str) == Some("use"))
-            .filter(|f| f.get("u") == Some(&user.to_string()))
-            .collect()
+            .values()
+            .map(|(_, calls)| calls)
+            .sum()
     }
 
     /// Deletes every key under the test's prefix (and nothing else).
