@@ -215,8 +215,11 @@ impl Keys {
 pub enum CacheEvent {
     /// An API key was revoked or changed; payload is the hex of its hash.
     ApiKey(String),
-    /// A user's status, role or limits changed.
+    /// A user's status, role, limits or usage changed.
     User(Uuid),
+    /// Everything may have changed (Redis was rebuilt by a reconcile): drop every cached key
+    /// and refusal.
+    All,
 }
 
 impl CacheEvent {
@@ -224,6 +227,7 @@ impl CacheEvent {
         match self {
             CacheEvent::ApiKey(hex) => format!("k {hex}"),
             CacheEvent::User(id) => format!("u {id}"),
+            CacheEvent::All => "a *".to_owned(),
         }
     }
 
@@ -234,6 +238,7 @@ impl CacheEvent {
                 Some(CacheEvent::ApiKey(value.to_owned()))
             }
             "u" => value.parse().ok().map(CacheEvent::User),
+            "a" if value == "*" => Some(CacheEvent::All),
             _ => None,
         }
     }
@@ -337,7 +342,11 @@ mod tests {
     #[test]
     fn cache_events_round_trip() {
         let id = Uuid::new_v4();
-        for event in [CacheEvent::User(id), CacheEvent::ApiKey("a".repeat(64))] {
+        for event in [
+            CacheEvent::User(id),
+            CacheEvent::ApiKey("a".repeat(64)),
+            CacheEvent::All,
+        ] {
             assert_eq!(CacheEvent::parse(&event.encode()), Some(event));
         }
         assert_eq!(CacheEvent::parse("k short"), None);

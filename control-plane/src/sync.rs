@@ -171,6 +171,7 @@ impl Syncer {
                 ],
             )
             .await?;
+        self.publish(CacheEvent::User(user)).await?;
         Ok(cleared)
     }
 
@@ -323,6 +324,9 @@ impl Syncer {
                 removed += 1;
             }
         }
+        // Sidecars drop every cached key and refusal: Redis may have been rebuilt under them
+        // (an API key that was unknown a moment ago may be there now).
+        self.publish(CacheEvent::All).await?;
         tracing::info!(
             users,
             api_keys = live.len(),

@@ -29,6 +29,9 @@ pub const ENV_LOG_FORMAT: &str = "TOLLGATE_LOG_FORMAT";
 pub const ENV_LOG: &str = "TOLLGATE_LOG";
 pub const ENV_SHUTDOWN_GRACE: &str = "TOLLGATE_SHUTDOWN_GRACE";
 pub const ENV_SETTLE_WINDOW: &str = "TOLLGATE_SIDECAR_SETTLE_WINDOW";
+pub const ENV_REFUSAL_CACHE_TTL: &str = "TOLLGATE_SIDECAR_REFUSAL_CACHE_TTL";
+pub const ENV_REDIS_MAX_IN_FLIGHT: &str = "TOLLGATE_SIDECAR_REDIS_MAX_IN_FLIGHT";
+pub const ENV_UPLOAD_RESERVE_STEP: &str = "TOLLGATE_SIDECAR_UPLOAD_RESERVE_STEP";
 
 /// What to do when Redis cannot be asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -81,6 +84,13 @@ pub struct Config {
     /// How long an admitted request's settle marker lives in Redis after the app has answered
     /// (renewed while it is answering): the time a refund has to land.
     pub settle_window: Millis,
+    /// The longest a refusal is answered from the local cache (`refusals::Refusals`).
+    pub refusal_cache_ttl: Millis,
+    /// Redis calls of the request path in flight at once; more wait their turn before their
+    /// `redis_timeout` starts, so the timeout measures Redis, not a queue in front of it.
+    pub redis_max_in_flight: usize,
+    /// Bytes of quota an upload of unknown length reserves at a time as it streams.
+    pub upload_reserve_step: u64,
 }
 
 /// One source of settings; every field optional, later layers win.
@@ -107,6 +117,9 @@ pub struct Layer {
     pub log: Option<String>,
     pub shutdown_grace: Option<Millis>,
     pub settle_window: Option<Millis>,
+    pub refusal_cache_ttl: Option<Millis>,
+    pub redis_max_in_flight: Option<usize>,
+    pub upload_reserve_step: Option<u64>,
 }
 
 impl Layer {
@@ -138,6 +151,9 @@ impl Layer {
             log: env.var(ENV_LOG),
             shutdown_grace: problems.env(env, ENV_SHUTDOWN_GRACE),
             settle_window: problems.env(env, ENV_SETTLE_WINDOW),
+            refusal_cache_ttl: problems.env(env, ENV_REFUSAL_CACHE_TTL),
+            redis_max_in_flight: problems.env(env, ENV_REDIS_MAX_IN_FLIGHT),
+            upload_reserve_step: problems.env(env, ENV_UPLOAD_RESERVE_STEP),
         }
     }
 
@@ -164,6 +180,9 @@ impl Layer {
             log: other.log.or(self.log),
             shutdown_grace: other.shutdown_grace.or(self.shutdown_grace),
             settle_window: other.settle_window.or(self.settle_window),
+            refusal_cache_ttl: other.refusal_cache_ttl.or(self.refusal_cache_ttl),
+            redis_max_in_flight: other.redis_max_in_flight.or(self.redis_max_in_flight),
+            upload_reserve_step: other.upload_reserve_step.or(self.upload_reserve_step),
         }
     }
 }
@@ -271,6 +290,21 @@ impl Config {
             );
         }
         let log_filter = tollgate_common::config::log_filter(problems, layer.log);
+        let refusal_cache_ttl = layer.refusal_cache_ttl.unwrap_or(Millis(300_000));
+        if refusal_cache_ttl.0 > 3_600_000 {
+            problems.push(
+                "refusal_cache_ttl",
+                "must be at most 1h (0 turns the cache off)",
+            );
+        }
+        let redis_max_in_flight = layer.redis_max_in_flight.unwrap_or(128);
+        if !(1..=100_000).contains(&redis_max_in_flight) {
+            problems.push("redis_max_in_flight", "must be between 1 and 100000");
+        }
+        let upload_reserve_step = layer.upload_reserve_step.unwrap_or(1 << 20);
+        if !(1..=1 << 40).contains(&upload_reserve_step) {
+            problems.push("upload_reserve_step", "must be between 1 and 2^40 bytes");
+        }
         let settle_window = layer.settle_window.unwrap_or(Millis(10_000));
         if !(1_000..=300_000).contains(&settle_window.0) {
             problems.push(
@@ -308,6 +342,9 @@ impl Config {
             log_filter,
             shutdown_grace: layer.shutdown_grace.unwrap_or(Millis(20_000)),
             settle_window,
+            refusal_cache_ttl,
+            redis_max_in_flight,
+            upload_reserve_step,
         }
     }
 }

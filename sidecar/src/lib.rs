@@ -6,6 +6,8 @@ pub mod auth;
 pub mod config;
 pub mod metrics;
 pub mod proxy;
+pub mod refunds;
+pub mod refusals;
 pub mod routes;
 pub mod store;
 
@@ -68,6 +70,10 @@ pub struct Shared {
     pub upstream: HttpClient,
     pub metrics: Arc<Metrics>,
     pub refill: Refill,
+    /// Users just refused, answered without Redis until the refusal can have changed.
+    pub refusals: refusals::Refusals,
+    /// Settles retried in the background after a Redis timeout.
+    pub refunds: Arc<refunds::Refunds>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,16 +112,25 @@ pub fn load_table(config: &Config) -> Result<Table, RunError> {
     })
 }
 
+/// What asking the control plane for a user's limits came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refilled {
+    Written,
+    /// The control plane has no such user (a valid token of a deleted user).
+    NoSuchUser,
+    Failed,
+}
+
 /// Asks the control plane to write a user's limits into Redis, once for all the requests that
 /// are waiting for the same user.
 pub struct Refill {
     http: HttpClient,
     control_plane_url: String,
-    inflight: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::OnceCell<bool>>>>,
+    inflight: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::OnceCell<Refilled>>>>,
 }
 
 impl Refill {
-    pub async fn ensure(&self, user: Uuid) -> bool {
+    pub async fn ensure(&self, user: Uuid) -> Refilled {
         let cell = {
             let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             map.entry(user).or_default().clone()
@@ -128,24 +143,28 @@ impl Refill {
         ok
     }
 
-    async fn call(&self, user: Uuid) -> bool {
+    async fn call(&self, user: Uuid) -> Refilled {
         let url = format!("{}/internal/users/{user}/sync", self.control_plane_url);
         let Ok(request) = http::Request::post(url).body(empty_body()) else {
-            return false;
+            return Refilled::Failed;
         };
         match tokio::time::timeout(proxy::REFILL_TIMEOUT, self.http.request(request)).await {
-            Ok(Ok(response)) if response.status().is_success() => true,
+            Ok(Ok(response)) if response.status().is_success() => Refilled::Written,
+            Ok(Ok(response)) if response.status() == http::StatusCode::NOT_FOUND => {
+                tracing::info!(%user, "the control plane has no such user");
+                Refilled::NoSuchUser
+            }
             Ok(Ok(response)) => {
                 tracing::warn!(%user, status = %response.status(), "control plane refused to write the user's limits");
-                false
+                Refilled::Failed
             }
             Ok(Err(e)) => {
                 tracing::warn!(%user, error = %e, "control plane unreachable for the user's limits");
-                false
+                Refilled::Failed
             }
             Err(_) => {
                 tracing::warn!(%user, "control plane timed out writing the user's limits");
-                false
+                Refilled::Failed
             }
         }
     }
@@ -196,7 +215,8 @@ pub async fn run(
     {
         tracing::warn!("redis is not reachable yet; retrying in the background");
     }
-    let store = Store::new(redis.clone(), keys.clone());
+    let store =
+        Store::new(redis.clone(), keys.clone()).with_max_in_flight(config.redis_max_in_flight);
     if let Err(e) = store.load_scripts().await {
         tracing::warn!(error = %e, "could not preload the lua scripts; they load on first use");
     }
@@ -221,6 +241,8 @@ pub async fn run(
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(table),
         auth,
+        refusals: refusals::Refusals::new(100_000, config.refusal_cache_ttl.duration()),
+        refunds: Arc::new(refunds::Refunds::new(store.clone(), metrics.clone())),
         store,
         upstream: http.clone(),
         metrics,
@@ -266,11 +288,23 @@ pub async fn run(
     drop(listener);
     tracing::info!("shutting down: no new connections; letting in-flight requests finish");
     let grace = shared.config.shutdown_grace.duration();
+    let started = tokio::time::Instant::now();
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("shutdown grace expired with requests still in flight");
+    }
+    // Refunds still retrying get what is left of the grace.
+    let left = shared
+        .refunds
+        .flush(grace.saturating_sub(started.elapsed()))
+        .await;
+    if left > 0 {
+        tracing::error!(
+            pending = left,
+            "exiting with refunds that did not land: those calls stay charged"
+        );
     }
     admin_task.abort();
     for task in tasks {
@@ -358,18 +392,25 @@ async fn listen_for_invalidations(shared: Arc<Shared>, keys: Keys) {
                 let Ok(message) = message else {
                     // Lagged: we may have missed invalidations.
                     shared.auth.forget_all_keys();
+                    shared.refusals.forget_all();
                     continue;
                 };
                 let Some(text) = message.value.as_str() else { continue };
                 match CacheEvent::parse(&text) {
                     Some(CacheEvent::ApiKey(hex)) => shared.auth.forget_key(&hex),
-                    Some(CacheEvent::User(_)) | None => {}
+                    Some(CacheEvent::User(user)) => shared.refusals.forget(user),
+                    Some(CacheEvent::All) => {
+                        shared.auth.forget_all_keys();
+                        shared.refusals.forget_all();
+                    }
+                    None => {}
                 }
             }
             reconnected = reconnects.recv() => {
                 if reconnected.is_ok() {
-                    // Invalidations sent while we were away are lost: start the key cache afresh.
+                    // Invalidations sent while we were away are lost: start the caches afresh.
                     shared.auth.forget_all_keys();
+                    shared.refusals.forget_all();
                 }
             }
         }

@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         println!("configuration and routes file are valid");
         return ExitCode::SUCCESS;
     }
-    tollgate_common::telemetry::init(config.log_format, &config.log_filter);
+    let _log = tollgate_common::telemetry::init(config.log_format, &config.log_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -19,6 +19,12 @@ pub struct Metrics {
     /// Requests forwarded uncounted because Redis was unavailable and fail-open is configured.
     pub fail_open: IntCounterVec,
     pub refunds: IntCounterVec,
+    /// Settles waiting for a retry after a Redis timeout.
+    pub refunds_pending: IntGauge,
+    /// Settles that never landed (their marker expired first): those calls stay charged.
+    pub refunds_given_up: prometheus::IntCounter,
+    /// Requests refused from the local refusal cache, without Redis, by kind.
+    pub cached_refusals: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -91,8 +97,38 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let refunds_pending = IntGauge::new(
+            "tollgate_sidecar_refunds_pending",
+            "Refunds and upload commits waiting for a retry after a Redis timeout.",
+        )
+        .expect("valid metric");
+        let refunds_given_up = prometheus::IntCounter::new(
+            "tollgate_sidecar_refunds_given_up_total",
+            "Refunds and upload commits that never landed before their settle marker expired (the calls stay charged).",
+        )
+        .expect("valid metric");
+        let cached_refusals = IntCounterVec::new(
+            Opts::new(
+                "tollgate_sidecar_cached_refusals_total",
+                "Requests refused from the local refusal cache, without a Redis call, by kind (quota_exceeded, rate_limited, disabled, unknown_user).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        for kind in ["quota_exceeded", "rate_limited", "disabled", "unknown_user"] {
+            cached_refusals.with_label_values(&[kind]);
+        }
         // Known label values exist from the start, so dashboards and alerts see zeros, not gaps.
-        for op in ["decide", "settle", "api key lookup", "note key use", "ping"] {
+        for op in [
+            "decide",
+            "settle",
+            "reserve",
+            "renew marker",
+            "announce",
+            "api key lookup",
+            "note key use",
+            "ping",
+        ] {
             redis_errors.with_label_values(&[op]);
         }
         for c in ["token", "api_key", "api_key_negative"] {
@@ -100,7 +136,12 @@ impl Metrics {
                 cache.with_label_values(&[c, result]);
             }
         }
-        for reason in ["app_error", "unreachable", "body_over_quota"] {
+        for reason in [
+            "app_error",
+            "unreachable",
+            "body_over_quota",
+            "client_aborted",
+        ] {
             refunds.with_label_values(&[reason]);
         }
         for c in [
@@ -112,6 +153,9 @@ impl Metrics {
             Box::new(in_flight.clone()),
             Box::new(fail_open.clone()),
             Box::new(refunds.clone()),
+            Box::new(refunds_pending.clone()),
+            Box::new(refunds_given_up.clone()),
+            Box::new(cached_refusals.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -125,6 +169,9 @@ impl Metrics {
             in_flight,
             fail_open,
             refunds,
+            refunds_pending,
+            refunds_given_up,
+            cached_refusals,
         }
     }
 

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -26,9 +26,11 @@ use uuid::Uuid;
 
 use crate::auth::{AuthError, Identity};
 use crate::config::FailMode;
+use crate::refunds::PendingSettle;
+use crate::refusals::{Cached, QuotaRefusal};
 use crate::routes::{Cost, Quota, RateLimit, Route};
 use crate::store::{Charge, Charged, DecideInput, Decision, SettleInput};
-use crate::{Body, BoxError, Shared, Table, full_body};
+use crate::{Body, BoxError, Refilled, Shared, Table, full_body};
 
 /// Headers a client may not set: the sidecar is the only source of these.
 const IDENTITY_HEADERS: [&str; 4] = ["x-user-id", "x-auth-method", "x-plan", "x-request-id"];
@@ -271,8 +273,9 @@ async fn decide(
             Cost::Fixed(n) => (n, false),
             Cost::RequestBodyBytes => match content_length(request.headers()) {
                 Some(n) => (n, false),
-                // Unknown length: take what remains; settle commits the real size.
-                None => (u64::MAX, true),
+                // Unknown length: reserve a first step (more as it streams); settle commits
+                // the real size.
+                None => (shared.config.upload_reserve_step, true),
             },
         };
         Charge {
@@ -281,6 +284,13 @@ async fn decide(
             reserve,
         }
     });
+    if let Some(cached) = shared.refusals.check(
+        identity.user,
+        charge.map(|c| (&*c.quota.quota_type, (!c.reserve).then_some(c.cost))),
+        ctx.route.rate_limits.iter().map(|r| r.field.as_str()),
+    ) {
+        return Err(cached_refusal(shared, quota.as_deref(), cached));
+    }
     if charge.is_some() {
         ctx.settle_id = new_settle_id();
     }
@@ -297,8 +307,17 @@ async fn decide(
         windows: &table.windows,
     };
     let mut outcome = shared.store.decide(&input).await;
-    if matches!(outcome, Ok(Decision::Missing)) && shared.refill.ensure(identity.user).await {
-        outcome = shared.store.decide(&input).await;
+    if matches!(outcome, Ok(Decision::Missing)) {
+        match shared.refill.ensure(identity.user).await {
+            Refilled::Written => outcome = shared.store.decide(&input).await,
+            Refilled::NoSuchUser => {
+                // A valid token of a user that no longer exists: refused, and remembered, so
+                // that its next calls cost neither Redis nor the control plane.
+                shared.refusals.note_unknown(identity.user);
+                return Err(Refusal::Unauthorized);
+            }
+            Refilled::Failed => {}
+        }
     }
     let decision = match outcome {
         Ok(decision) => decision,
@@ -337,21 +356,41 @@ async fn decide(
             tracing::warn!(request_id = %ctx.request_id, "decision cancelled by its own refund");
             Err(Refusal::BackendUnavailable)
         }
-        Decision::Disabled => Err(Refusal::AccountDisabled),
+        Decision::Disabled => {
+            shared.refusals.note_disabled(identity.user);
+            Err(Refusal::AccountDisabled)
+        }
         Decision::Revoked => Err(Refusal::Unauthorized),
-        Decision::RateLimited { retry_after_ms, .. } => Err(Refusal::RateLimited {
-            retry_after_s: (retry_after_ms.max(1) as u64).div_ceil(1000),
-        }),
+        Decision::RateLimited {
+            rule,
+            retry_after_ms,
+        } => {
+            let retry_after = Duration::from_millis(retry_after_ms.max(1) as u64);
+            if let Some(limit) = ctx.route.rate_limits.get(rule) {
+                shared
+                    .refusals
+                    .note_rate_limited(identity.user, &limit.field, retry_after);
+            }
+            Err(Refusal::RateLimited {
+                retry_after_s: retry_after.as_millis().div_ceil(1000) as u64,
+            })
+        }
         Decision::QuotaExceeded {
             limit,
             used,
             resets_at_ms,
-        } => Err(Refusal::QuotaExceeded {
-            quota_type: quota.map_or_else(|| Arc::from(""), |q| q.quota_type.clone()),
-            limit,
-            used,
-            resets_at_ms,
-        }),
+        } => {
+            let quota_type = quota.map_or_else(|| Arc::from(""), |q| q.quota_type.clone());
+            let refusal = QuotaRefusal {
+                limit,
+                used,
+                resets_at_ms,
+            };
+            shared
+                .refusals
+                .note_quota(identity.user, &quota_type, refusal.clone());
+            Err(quota_exceeded(quota_type, &refusal))
+        }
         Decision::Admitted {
             plan,
             charged,
@@ -372,6 +411,42 @@ async fn decide(
     }
 }
 
+fn quota_exceeded(quota_type: Arc<str>, refusal: &QuotaRefusal) -> Refusal {
+    Refusal::QuotaExceeded {
+        quota_type,
+        limit: refusal.limit,
+        used: refusal.used,
+        resets_at_ms: refusal.resets_at_ms,
+    }
+}
+
+/// The answer to a request refused from the local cache: the same as Redis's refusal was.
+fn cached_refusal(shared: &Shared, quota: Option<&Quota>, cached: Cached) -> Refusal {
+    let (kind, refusal) = match cached {
+        Cached::Unknown => ("unknown_user", Refusal::Unauthorized),
+        Cached::Disabled => ("disabled", Refusal::AccountDisabled),
+        Cached::RateLimited { retry_after } => (
+            "rate_limited",
+            Refusal::RateLimited {
+                retry_after_s: retry_after.as_millis().div_ceil(1000).max(1) as u64,
+            },
+        ),
+        Cached::QuotaExceeded(q) => (
+            "quota_exceeded",
+            quota_exceeded(
+                quota.map_or_else(|| Arc::from(""), |q| q.quota_type.clone()),
+                &q,
+            ),
+        ),
+    };
+    shared
+        .metrics
+        .cached_refusals
+        .with_label_values(&[kind])
+        .inc();
+    refusal
+}
+
 /// A fresh settle id: 64 random bits in hex, never anything a client chose.
 fn new_settle_id() -> String {
     format!("{:016x}", Uuid::new_v4().as_u64_pair().0)
@@ -380,31 +455,31 @@ fn new_settle_id() -> String {
 /// Refunds, in the background, a decision whose answer was lost: settle.lua gives back what the
 /// decision's marker says it took, nothing if it never ran, and cancels it if it runs later.
 fn undo_unanswered(shared: &Shared, user: Uuid, quota: &Arc<Quota>, ctx: &Ctx) {
-    let store = shared.store.clone();
-    let quota = quota.clone();
-    let settle_id = ctx.settle_id.clone();
-    let decided_ms = ctx.decided_ms;
-    let ttl = shared.config.settle_window.0;
-    tokio::spawn(async move {
-        let input = SettleInput {
-            refund: true,
-            user,
-            settle_id: &settle_id,
-            quota: &quota,
-            decided_ms,
-            actual: 0,
-            marker_ttl_ms: ttl,
-        };
-        for _ in 0..3 {
-            match store.settle(&input).await {
-                Ok(_) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not undo an unanswered decision yet");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                }
-            }
-        }
-    });
+    shared
+        .refunds
+        .retry(pending_settle(shared, user, quota, ctx, true, 0));
+}
+
+/// A settle of this request that can be retried later, until its marker expires.
+fn pending_settle(
+    shared: &Shared,
+    user: Uuid,
+    quota: &Arc<Quota>,
+    ctx: &Ctx,
+    refund: bool,
+    actual: u64,
+) -> PendingSettle {
+    let window = shared.config.settle_window.0;
+    PendingSettle {
+        refund,
+        user,
+        settle_id: ctx.settle_id.clone(),
+        quota: quota.clone(),
+        decided_ms: ctx.decided_ms,
+        actual,
+        marker_ttl_ms: window,
+        deadline: Instant::now() + Duration::from_millis(window),
+    }
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -463,20 +538,43 @@ async fn forward(
     insert(headers, "x-forwarded-for", &forwarded_for);
     insert(headers, "x-forwarded-proto", "http");
 
-    let (body, meter) = if ctx.reserved {
-        let limit = ctx.charged.as_ref().map_or(0, |c| c.taken.max(0) as u64);
-        let meter = Arc::new(BodyMeter::new(limit));
-        (
-            MeteredBody {
-                inner: body,
-                meter: meter.clone(),
-            }
-            .boxed_unsync(),
-            Some(meter),
-        )
-    } else {
-        (body.map_err(BoxError::from).boxed_unsync(), None)
-    };
+    let byte_priced = ctx
+        .route
+        .quota
+        .as_ref()
+        .is_some_and(|q| q.cost == Cost::RequestBodyBytes);
+    let (body, meter) =
+        if let (true, Some(charged), Some(identity)) = (byte_priced, &ctx.charged, ctx.identity) {
+            // What the quota covers: the whole Content-Length, or the first reserved step of an
+            // upload of unknown length, which asks for more as it streams.
+            let meter = Arc::new(BodyMeter::new(charged.taken.max(0) as u64));
+            let reserver = ctx.reserved.then(|| {
+                Arc::new(Reserver {
+                    store: shared.store.clone(),
+                    user: identity.user,
+                    settle_id: ctx.settle_id.clone(),
+                    quota: ctx
+                        .route
+                        .quota
+                        .clone()
+                        .expect("byte-priced routes are metered"),
+                    step: shared.config.upload_reserve_step,
+                    marker_ttl_ms: shared.config.settle_window.0,
+                })
+            });
+            (
+                MeteredBody {
+                    inner: body,
+                    meter: meter.clone(),
+                    reserver,
+                    held: None,
+                }
+                .boxed_unsync(),
+                Some(meter),
+            )
+        } else {
+            (body.map_err(BoxError::from).boxed_unsync(), None)
+        };
     let request = Request::from_parts(parts, body);
     let started = Instant::now();
     let sent = tokio::time::timeout(
@@ -556,11 +654,22 @@ async fn settle(
     ctx: &mut Ctx,
     forwarded: Forwarded,
 ) -> Result<Response<Incoming>, Refusal> {
-    let exceeded = forwarded.meter.as_ref().is_some_and(|m| m.exceeded());
     let failed = match &forwarded.result {
         Ok(response) => response.status().is_client_error() || response.status().is_server_error(),
         Err(_) => true,
     };
+    // An upload is settled once its body has ended: a client that breaks off is refunded, even
+    // after the app has answered.
+    let body_end = match &forwarded.meter {
+        Some(meter) if !failed => {
+            Some(meter.ended(shared.config.upstream_timeout.duration()).await)
+        }
+        Some(meter) => Some(meter.end()),
+        None => None,
+    };
+    let exceeded = forwarded.meter.as_ref().is_some_and(|m| m.exceeded());
+    let client_failed = body_end == Some(BodyEnd::ClientFailed);
+    let failed = failed || client_failed;
     let metered = ctx.route.quota.clone().filter(|_| ctx.charged.is_some());
     if let (Some(identity), Some(quota)) = (ctx.identity, metered) {
         let refund = failed || exceeded;
@@ -577,8 +686,11 @@ async fn settle(
             };
             match shared.store.settle(&input).await {
                 Ok(_) if refund => {
+                    refunded(shared, identity.user, ctx);
                     let reason = if exceeded {
                         "body_over_quota"
+                    } else if client_failed {
+                        "client_aborted"
                     } else if forwarded.result.is_err() {
                         "unreachable"
                     } else {
@@ -595,6 +707,16 @@ async fn settle(
                     if let Some(charged) = &mut ctx.charged {
                         charged.remaining += charged.taken - actual as i64;
                         charged.taken = actual as i64;
+                    }
+                }
+                Err(e) if e.is_transient() => {
+                    shared.metrics.redis_errors.with_label_values(&[e.op]).inc();
+                    tracing::warn!(request_id = %ctx.request_id, error = %e, refund, "settle did not land in time; retrying in the background");
+                    let pending =
+                        pending_settle(shared, identity.user, &quota, ctx, refund, actual);
+                    shared.refunds.retry(pending);
+                    if refund {
+                        refunded(shared, identity.user, ctx);
                     }
                 }
                 Err(e) => {
@@ -614,6 +736,25 @@ async fn settle(
         }
     }
     forwarded.result
+}
+
+/// After a refund: this sidecar's cached refusals of the user no longer hold, and if the user had
+/// run out, other sidecars may hold some too — tell them (rare: only at exhaustion).
+fn refunded(shared: &Shared, user: Uuid, ctx: &Ctx) {
+    shared.refusals.forget(user);
+    // After its decision, a request like this one would have been refused.
+    let exhausted = ctx
+        .charged
+        .as_ref()
+        .is_some_and(|c| c.remaining < c.taken.max(1));
+    if exhausted {
+        let store = shared.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.announce_user(user).await {
+                tracing::debug!(error = %e, "could not announce a refund");
+            }
+        });
+    }
 }
 
 /// Phase 6: quota and rate-limit headers on the way out.
@@ -778,19 +919,37 @@ fn log(shared: &Shared, ctx: &Ctx, started: Instant) {
     );
 }
 
-/// Counts the bytes of a metered upload and stops it once it passes what remains.
+/// How a metered upload's body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyEnd {
+    Streaming = 0,
+    /// All of it went up.
+    Complete = 1,
+    /// The client broke off (connection closed or reset mid-body).
+    ClientFailed = 2,
+    /// It passed what the quota allows and was cut off.
+    Exceeded = 3,
+    /// Dropped before its end (the app answered without reading it all).
+    Dropped = 4,
+}
+
+/// Counts the bytes of a metered upload, reserves more quota as it streams (uploads of unknown
+/// length) and stops it once it passes what the quota allows.
 pub struct BodyMeter {
-    limit: u64,
+    /// Bytes the quota covers so far.
+    reserved: AtomicU64,
     seen: AtomicU64,
-    exceeded: AtomicBool,
+    end: std::sync::atomic::AtomicU8,
+    ended: tokio::sync::Notify,
 }
 
 impl BodyMeter {
-    fn new(limit: u64) -> BodyMeter {
+    fn new(reserved: u64) -> BodyMeter {
         BodyMeter {
-            limit,
+            reserved: AtomicU64::new(reserved),
             seen: AtomicU64::new(0),
-            exceeded: AtomicBool::new(false),
+            end: std::sync::atomic::AtomicU8::new(BodyEnd::Streaming as u8),
+            ended: tokio::sync::Notify::new(),
         }
     }
 
@@ -798,14 +957,120 @@ impl BodyMeter {
         self.seen.load(Ordering::Relaxed)
     }
 
+    fn end(&self) -> BodyEnd {
+        match self.end.load(Ordering::Acquire) {
+            1 => BodyEnd::Complete,
+            2 => BodyEnd::ClientFailed,
+            3 => BodyEnd::Exceeded,
+            4 => BodyEnd::Dropped,
+            _ => BodyEnd::Streaming,
+        }
+    }
+
     fn exceeded(&self) -> bool {
-        self.exceeded.load(Ordering::Relaxed)
+        self.end() == BodyEnd::Exceeded
+    }
+
+    fn finish(&self, end: BodyEnd) {
+        if self
+            .end
+            .compare_exchange(
+                BodyEnd::Streaming as u8,
+                end as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            self.ended.notify_waiters();
+        }
+    }
+
+    /// How the body ended, waiting for it (at most `wait`) if it is still going up: an app may
+    /// answer before it has read all of it, and a client that breaks off after that is refunded.
+    async fn ended(&self, wait: Duration) -> BodyEnd {
+        let notified = self.ended.notified();
+        if self.end() != BodyEnd::Streaming {
+            return self.end();
+        }
+        let _ = tokio::time::timeout(wait, notified).await;
+        self.end()
     }
 }
+
+/// Asks Redis for another step of quota as an upload of unknown length streams.
+struct Reserver {
+    store: crate::store::Store,
+    user: Uuid,
+    settle_id: String,
+    quota: Arc<Quota>,
+    step: u64,
+    marker_ttl_ms: u64,
+}
+
+type Reserving = Pin<Box<dyn Future<Output = Result<u64, crate::store::StoreError>> + Send>>;
 
 struct MeteredBody {
     inner: Incoming,
     meter: Arc<BodyMeter>,
+    reserver: Option<Arc<Reserver>>,
+    /// A frame past what is reserved, held while more is asked for.
+    held: Option<(Frame<Bytes>, Reserving)>,
+}
+
+impl MeteredBody {
+    /// Passes `frame` on if the quota covers it; otherwise asks for more (held) or cuts off.
+    fn admit(
+        &mut self,
+        frame: Frame<Bytes>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let seen = self.meter.seen() + frame.data_ref().map_or(0, |d| d.len() as u64);
+        let reserved = self.meter.reserved.load(Ordering::Relaxed);
+        if seen <= reserved {
+            self.meter.seen.store(seen, Ordering::Relaxed);
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let Some(reserver) = self.reserver.clone() else {
+            return self.cut_off();
+        };
+        let want = (seen - reserved).max(reserver.step);
+        let asking: Reserving = Box::pin(async move {
+            let r = &reserver;
+            r.store
+                .reserve_more(r.user, &r.settle_id, &r.quota, want, r.marker_ttl_ms)
+                .await
+        });
+        self.held = Some((frame, asking));
+        self.poll_held(cx)
+    }
+
+    fn poll_held(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some((_, asking)) = self.held.as_mut() else {
+            return Poll::Pending;
+        };
+        let took = match asking.as_mut().poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(took)) => took,
+            Poll::Ready(Err(e)) => {
+                tracing::warn!(error = %e, "could not reserve more of an upload's quota");
+                0
+            }
+        };
+        let Some((frame, _)) = self.held.take() else {
+            return Poll::Pending;
+        };
+        if took == 0 {
+            return self.cut_off();
+        }
+        self.meter.reserved.fetch_add(took, Ordering::Relaxed);
+        self.admit(frame, cx)
+    }
+
+    fn cut_off(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.meter.finish(BodyEnd::Exceeded);
+        Poll::Ready(Some(Err("upload passed the remaining byte quota".into())))
+    }
 }
 
 impl http_body::Body for MeteredBody {
@@ -816,31 +1081,37 @@ impl http_body::Body for MeteredBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let seen = self
-                        .meter
-                        .seen
-                        .fetch_add(data.len() as u64, Ordering::Relaxed)
-                        + data.len() as u64;
-                    if seen > self.meter.limit {
-                        self.meter.exceeded.store(true, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(
-                            "upload passed the remaining byte quota".into()
-                        )));
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
+        let this = &mut *self;
+        if this.held.is_some() {
+            return this.poll_held(cx);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => this.admit(frame, cx),
+            Poll::Ready(Some(Err(e))) => {
+                this.meter.finish(BodyEnd::ClientFailed);
+                Poll::Ready(Some(Err(e.into())))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                this.meter.finish(BodyEnd::Complete);
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.held.is_none() && self.inner.is_end_stream()
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        let end = if http_body::Body::is_end_stream(&self.inner) {
+            BodyEnd::Complete
+        } else {
+            BodyEnd::Dropped
+        };
+        self.meter.finish(end);
     }
 }
 

@@ -15,6 +15,7 @@ use crate::routes::{Quota, RateLimit};
 
 static DECIDE: &str = include_str!("../../lua/decide.lua");
 static SETTLE: &str = include_str!("../../lua/settle.lua");
+static RESERVE: &str = include_str!("../../lua/reserve.lua");
 
 /// A Redis failure, and whether it is transient — the bit the fail-open / fail-closed policy
 /// needs (a timeout or a lost connection is; a script error is not).
@@ -52,6 +53,9 @@ pub struct Store {
     pub keys: Keys,
     decide: Script,
     settle: Script,
+    reserve: Script,
+    /// Script calls in flight at once: more wait here, before their timeout starts.
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// What one request asks `decide.lua` for.
@@ -151,7 +155,20 @@ impl Store {
             keys,
             decide: Script::from_lua(DECIDE),
             settle: Script::from_lua(SETTLE),
+            reserve: Script::from_lua(RESERVE),
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(128)),
         }
+    }
+
+    /// At most `n` script calls in flight at once (`redis_max_in_flight`).
+    pub fn with_max_in_flight(mut self, n: usize) -> Store {
+        self.permits = std::sync::Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self
+    }
+
+    async fn permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        // The semaphore is never closed; without a permit the call just goes ahead.
+        self.permits.acquire().await.ok()
     }
 
     /// Loads both scripts (on every node of a cluster) so the hot path only ever sends EVALSHA.
@@ -163,7 +180,11 @@ impl Store {
         self.settle
             .load(&self.client)
             .await
-            .map_err(op("load settle.lua"))
+            .map_err(op("load settle.lua"))?;
+        self.reserve
+            .load(&self.client)
+            .await
+            .map_err(op("load reserve.lua"))
     }
 
     pub async fn ping(&self, timeout: Duration) -> Result<(), StoreError> {
@@ -235,6 +256,7 @@ impl Store {
             args.push(clamp(rate.period_ms).into());
             args.push(clamp(rate.burst).into());
         }
+        let _permit = self.permit().await;
         let out: Vec<String> = self
             .decide
             .evalsha_with_reload(&self.client, keys, args)
@@ -261,12 +283,51 @@ impl Store {
             clamp(input.actual).into(),
             clamp(input.marker_ttl_ms).into(),
         ];
+        let _permit = self.permit().await;
         let settled: i64 = self
             .settle
             .evalsha_with_reload(&self.client, keys, args)
             .await
             .map_err(op("settle"))?;
         Ok(settled == 1)
+    }
+
+    /// Tells every sidecar that a user's usage changed (a refund left quota where one of them
+    /// may have cached a refusal).
+    pub async fn announce_user(&self, user: Uuid) -> Result<(), StoreError> {
+        self.client
+            .publish::<(), _, _>(
+                self.keys.events_channel(),
+                keys::CacheEvent::User(user).encode(),
+            )
+            .await
+            .map_err(op("announce"))
+    }
+
+    /// Takes up to `step` more of an upload's quota (`lua/reserve.lua`); returns what it took,
+    /// 0 when nothing remains.
+    pub async fn reserve_more(
+        &self,
+        user: Uuid,
+        settle_id: &str,
+        quota: &Quota,
+        step: u64,
+        marker_ttl_ms: u64,
+    ) -> Result<u64, StoreError> {
+        let keys = vec![self.keys.user(user), self.keys.marker(user, settle_id)];
+        let args: Vec<Value> = vec![
+            quota.limit_field.as_str().into(),
+            quota.counter_field.as_str().into(),
+            clamp(step).into(),
+            clamp(marker_ttl_ms).into(),
+        ];
+        let _permit = self.permit().await;
+        let took: i64 = self
+            .reserve
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(op("reserve"))?;
+        Ok(took.max(0) as u64)
     }
 
     /// Keeps a request's settle marker alive while the app is still answering.

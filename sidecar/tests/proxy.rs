@@ -499,15 +499,25 @@ async fn a_missing_user_hash_is_refilled_once_by_the_control_plane() {
         cp.refills.load(std::sync::atomic::Ordering::SeqCst) <= 2,
         "concurrent requests share the refill call"
     );
-    // A user the control plane does not know: 503, not a guess.
+    // A valid token of a user the control plane does not know (deleted): 401, remembered, so
+    // that its next calls cost neither a refill nor Redis.
     let stranger = uuid::Uuid::new_v4();
-    let reply = send(
-        http()
-            .post(format!("{}/status/200", sc.base))
-            .bearer_auth(cp.token(stranger)),
-    )
-    .await;
-    assert_eq!(reply.status, 503);
+    let refills = cp.refills.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..3 {
+        let reply = send(
+            http()
+                .post(format!("{}/status/200", sc.base))
+                .bearer_auth(cp.token(stranger)),
+        )
+        .await;
+        assert_eq!(reply.status, 401, "{:?}", reply.body);
+        assert_eq!(reply.headers["www-authenticate"], "Bearer");
+    }
+    assert_eq!(
+        cp.refills.load(std::sync::atomic::Ordering::SeqCst),
+        refills + 1,
+        "one refill call for the stranger, then the cached refusal"
+    );
     cp.cleanup().await;
 }
 
@@ -667,4 +677,145 @@ async fn refunds_do_not_depend_on_the_clients_request_id() {
         "every failure refunded"
     );
     cp.cleanup().await;
+}
+
+/// The value of one series in the sidecar's metrics, 0 if absent.
+async fn metric(sc: &support::Sidecar, series: &str) -> f64 {
+    let text = http()
+        .get(format!("{}/metrics", sc.admin))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_client_hammering_after_its_quota_is_gone_is_refused_without_redis() {
+    let cp = ControlPlane::start(&support::redis_url()).await;
+    let (upstream, _) = echo_upstream().await;
+    let sc = start_sidecar(&cp, &support::redis_url(), &upstream, ROUTES, &[]).await;
+    let user = cp.user(&[("api_calls_l3_detect", 2, Month)]).await;
+    let token = cp.token(user);
+    let call = || send(http().post(format!("{}/l3/p", sc.base)).bearer_auth(&token));
+    assert_eq!(call().await.status, 200);
+    assert_eq!(call().await.status, 200);
+    let first = call().await;
+    assert_eq!(first.status, 402);
+    let cached = r#"tollgate_sidecar_cached_refusals_total{kind="quota_exceeded"}"#;
+    let before = metric(&sc, cached).await;
+    for _ in 0..20 {
+        let again = call().await;
+        assert_eq!(again.status, 402);
+        // The same answer Redis gave.
+        assert_eq!(again.body["error"], first.body["error"]);
+    }
+    assert_eq!(
+        metric(&sc, cached).await - before,
+        20.0,
+        "all from the cache"
+    );
+    assert_eq!(cp.used(user, "api_calls_l3_detect").await, 2);
+
+    // A grant (the control plane rewrites the user and announces it) ends the refusal at once.
+    cp.write_user(user, "active", &[("api_calls_l3_detect", 3, Month)])
+        .await;
+    let started = Instant::now();
+    loop {
+        let reply = call().await;
+        if reply.status == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cp.cleanup().await;
+}
+
+#[tokio::test]
+async fn uploads_of_unknown_length_share_what_remains_and_a_broken_one_is_refunded() {
+    let cp = ControlPlane::start(&support::redis_url()).await;
+    let upstream = demo_upstream().await;
+    let step = [("TOLLGATE_SIDECAR_UPLOAD_RESERVE_STEP", "1000")];
+    let sc = start_sidecar(&cp, &support::redis_url(), &upstream, ROUTES, &step).await;
+    let user = cp.user(&[("storage_bytes", 10_000, Lifetime)]).await;
+    let token = cp.token(user);
+    let url = format!("{}/upload", sc.base);
+
+    // A slow upload of unknown length is under way (3 × 500 bytes so far)...
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let slow = {
+        let request = http()
+            .post(&url)
+            .bearer_auth(&token)
+            .body(reqwest::Body::wrap_stream(tokio_stream_of(rx)));
+        tokio::spawn(async move { send(request).await })
+    };
+    for _ in 0..3 {
+        tx.send(Ok(vec![1u8; 500])).await.expect("chunk");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reserved = cp.used(user, "storage_bytes").await;
+    assert!(
+        (1000..=2000).contains(&reserved),
+        "it holds a step or two, not everything: {reserved}"
+    );
+    // ...and another upload of the same user still finds what remains.
+    let other = send(http().post(&url).bearer_auth(&token).body(vec![2u8; 7_000])).await;
+    assert_eq!(other.status, 201, "{:?}", other.body);
+    for _ in 0..3 {
+        tx.send(Ok(vec![1u8; 500])).await.expect("chunk");
+    }
+    drop(tx);
+    let slow = slow.await.expect("task");
+    assert_eq!(slow.status, 201, "{:?}", slow.body);
+    assert_eq!(slow.body["size"], 3000);
+    assert_eq!(cp.used(user, "storage_bytes").await, 10_000);
+    let usage = cp.usage(user).await;
+    assert_eq!(usage.get("storage_bytes"), Some(&(10_000, 2)));
+
+    // A client that breaks off mid-upload is refunded, whatever the app made of it.
+    let user = cp.user(&[("storage_bytes", 10_000, Lifetime)]).await;
+    let token = cp.token(user);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let broken = {
+        let request = http()
+            .post(&url)
+            .bearer_auth(&token)
+            .body(reqwest::Body::wrap_stream(tokio_stream_of(rx)));
+        tokio::spawn(async move { request.send().await.map(|r| r.status()) })
+    };
+    tx.send(Ok(vec![1u8; 1500])).await.expect("chunk");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(cp.used(user, "storage_bytes").await > 0);
+    tx.send(Err(std::io::Error::other("the client goes away")))
+        .await
+        .expect("error");
+    let _ = broken.await;
+    let started = Instant::now();
+    while cp.used(user, "storage_bytes").await != 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "still charged: {}",
+            cp.used(user, "storage_bytes").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(cp.usage(user).await.is_empty());
+    cp.cleanup().await;
+}
+
+/// The receiving end of a channel as a stream of body chunks.
+fn tokio_stream_of(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

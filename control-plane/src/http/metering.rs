@@ -102,6 +102,16 @@ async fn quota_view(state: &AppState, user: Uuid, app: Option<&str>) -> Result<V
         .await?
         .ok_or_else(|| AppError::not_found("no such user"))?;
     let plan = db::subscriptions::current(&**client, user).await?;
+    // A user whose hash Redis does not hold (Redis was lost and is being rebuilt) has no live
+    // counters to show: rebuild this user now from the ledger rather than report 0 used.
+    let present: Option<String> = state
+        .redis
+        .hget(state.sync.keys.user(user), user_field::STATUS)
+        .await
+        .map_err(AppError::unavailable)?;
+    if present.is_none() {
+        state.sync.user(user).await.map_err(AppError::unavailable)?;
+    }
     let mut quotas = Vec::with_capacity(types.len());
     for qt in types {
         let bounds = window::bounds(qt.window, now, qt.time_zone);

@@ -181,10 +181,11 @@ impl Drop for Server {
 }
 
 pub async fn serve(config: Config) -> Server {
-    tollgate_common::telemetry::init(
+    // The first test to get here installs the logger for the whole test process.
+    std::mem::forget(tollgate_common::telemetry::init(
         tollgate_common::config::LogFormat::Text,
         "warn,tollgate_control_plane=info",
-    );
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

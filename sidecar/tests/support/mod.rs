@@ -124,6 +124,12 @@ impl ControlPlane {
             .map(|(t, l, w)| ((*t).to_owned(), *l, *w))
             .collect();
         write_user_hash(&self.redis, &self.keys, id, status, &limits).await;
+        // As the control plane does after every write of a user: sidecars drop what they cached.
+        let _: () = self
+            .redis
+            .publish(self.keys.events_channel(), CacheEvent::User(id).encode())
+            .await
+            .expect("publish");
     }
 
     /// A user the fake control plane only writes when a sidecar asks for it.
@@ -424,7 +430,10 @@ pub async fn start_sidecar(
     routes: &str,
     extra: &[(&str, &str)],
 ) -> Sidecar {
-    tollgate_common::telemetry::init(tollgate_common::config::LogFormat::Text, "warn");
+    std::mem::forget(tollgate_common::telemetry::init(
+        tollgate_common::config::LogFormat::Text,
+        "warn",
+    ));
     let dir = TempDir::new();
     let path = dir.0.join("routes.yaml");
     std::fs::write(&path, routes).expect("write routes");
