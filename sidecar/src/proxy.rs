@@ -28,7 +28,7 @@ use crate::auth::{AuthError, Identity};
 use crate::config::FailMode;
 use crate::routes::{Cost, RateLimit, Route};
 use crate::store::{Charge, Charged, DecideInput, Decision, SettleInput, SettleItem};
-use crate::{Body, BoxError, Shared, Table, full_body};
+use crate::{Body, BoxError, RequestBody, Shared, Table, full_body};
 
 /// Headers a client may not set: the sidecar is the only source of these.
 const IDENTITY_HEADERS: [&str; 4] = ["x-user-id", "x-auth-method", "x-plan", "x-request-id"];
@@ -103,10 +103,11 @@ pub struct Ctx {
 /// drops this future, but the decision is still settled and logged.
 pub async fn handle(
     shared: Arc<Shared>,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Response<Body> {
-    let task = tokio::spawn(serve(shared, request, peer));
+    // Tracked, so that shutdown waits for it (lib.rs, `drain`).
+    let task = shared.tasks.spawn(serve(shared.clone(), request, peer));
     match task.await {
         Ok(response) => response,
         Err(e) => {
@@ -122,7 +123,7 @@ pub async fn handle(
 
 async fn serve(
     shared: Arc<Shared>,
-    mut request: Request<Incoming>,
+    mut request: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -147,7 +148,7 @@ async fn serve(
 }
 
 /// Phase 1: request id, route, and no identity header from the client survives.
-fn early(table: &Table, request: &mut Request<Incoming>) -> Ctx {
+fn early(table: &Table, request: &mut Request<RequestBody>) -> Ctx {
     let request_id = request_id::choose(
         request
             .headers()
@@ -181,7 +182,7 @@ async fn pipeline(
     shared: &Shared,
     table: &Table,
     ctx: &mut Ctx,
-    mut request: Request<Incoming>,
+    mut request: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, Refusal> {
     if !crate::routes::is_normal_path(&ctx.path) {
@@ -209,7 +210,7 @@ async fn pipeline(
 async fn authenticate(
     shared: &Shared,
     ctx: &mut Ctx,
-    request: &mut Request<Incoming>,
+    request: &mut Request<RequestBody>,
 ) -> Result<(), Refusal> {
     let key = request.headers_mut().remove("x-api-key");
     let result = if let Some(key) = key {
@@ -253,7 +254,7 @@ async fn decide(
     shared: &Shared,
     table: &Table,
     ctx: &mut Ctx,
-    request: &Request<Incoming>,
+    request: &Request<RequestBody>,
 ) -> Result<(), Refusal> {
     let Some(identity) = ctx.identity else {
         return Err(Refusal::Unauthorized);
@@ -442,7 +443,7 @@ async fn forward(
     shared: &Shared,
     table: &Table,
     ctx: &Ctx,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Forwarded {
     let (mut parts, body) = request.into_parts();
@@ -493,7 +494,7 @@ async fn forward(
             Some(meter),
         )
     } else {
-        (body.map_err(BoxError::from).boxed_unsync(), None)
+        (body.boxed_unsync(), None)
     };
     let request = Request::from_parts(parts, body);
     let started = Instant::now();
@@ -810,7 +811,7 @@ impl BodyMeter {
 }
 
 struct MeteredBody {
-    inner: Incoming,
+    inner: RequestBody,
     meter: Arc<BodyMeter>,
 }
 
@@ -839,7 +840,7 @@ impl http_body::Body for MeteredBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
