@@ -18,6 +18,11 @@ pub const ENV_DB_POOL_SIZE: &str = "TOLLGATE_DB_POOL_SIZE";
 pub const ENV_LOG_FORMAT: &str = "TOLLGATE_LOG_FORMAT";
 pub const ENV_LOG: &str = "TOLLGATE_LOG";
 pub const ENV_SHUTDOWN_GRACE: &str = "TOLLGATE_SHUTDOWN_GRACE";
+pub const ENV_MAX_CONNECTIONS: &str = "TOLLGATE_MAX_CONNECTIONS";
+pub const ENV_MAX_IN_FLIGHT: &str = "TOLLGATE_MAX_IN_FLIGHT";
+pub const ENV_IDLE_TIMEOUT: &str = "TOLLGATE_IDLE_TIMEOUT";
+pub const ENV_HEADER_READ_TIMEOUT: &str = "TOLLGATE_HEADER_READ_TIMEOUT";
+pub const ENV_BODY_READ_TIMEOUT: &str = "TOLLGATE_BODY_READ_TIMEOUT";
 pub const ENV_JWT_KEYS_DIR: &str = "TOLLGATE_JWT_KEYS_DIR";
 pub const ENV_JWT_ACTIVE_KID: &str = "TOLLGATE_JWT_ACTIVE_KID";
 pub const ENV_JWT_PRIVATE_KEY: &str = "TOLLGATE_JWT_PRIVATE_KEY";
@@ -69,6 +74,8 @@ pub struct Config {
     pub log_filter: String,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Millis,
+    /// The REST listener's overload protection.
+    pub limits: ListenerLimits,
     pub jwt: JwtConfig,
     pub login: LoginConfig,
     /// Password hashes computed at once; each takes 19 MiB and a core for tens of milliseconds.
@@ -86,6 +93,21 @@ pub struct Config {
     pub usage_close_grace: Millis,
     pub usage_lookback: Millis,
     pub usage_minute_retention: Millis,
+}
+
+/// Caps and timeouts of a listener (tollgate-serve applies them).
+#[derive(Debug, Clone)]
+pub struct ListenerLimits {
+    /// Client connections; at the cap the idlest is closed, else `503 overloaded`.
+    pub max_connections: usize,
+    /// Requests in progress; past it `503 overloaded` at once.
+    pub max_in_flight: usize,
+    /// A connection with no request in progress is closed after this.
+    pub idle_timeout: Millis,
+    /// From a request head's first byte until it is complete.
+    pub header_read_timeout: Millis,
+    /// The longest a request body may stall between two pieces.
+    pub body_read_timeout: Millis,
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +171,11 @@ pub struct Layer {
     pub log_format: Option<LogFormat>,
     pub log: Option<String>,
     pub shutdown_grace: Option<Millis>,
+    pub max_connections: Option<usize>,
+    pub max_in_flight: Option<usize>,
+    pub idle_timeout: Option<Millis>,
+    pub header_read_timeout: Option<Millis>,
+    pub body_read_timeout: Option<Millis>,
     pub jwt_keys_dir: Option<PathBuf>,
     pub jwt_active_kid: Option<String>,
     pub jwt_private_key: Option<Secret>,
@@ -195,6 +222,11 @@ impl Layer {
             log_format: problems.env(env, ENV_LOG_FORMAT),
             log: env.var(ENV_LOG),
             shutdown_grace: problems.env(env, ENV_SHUTDOWN_GRACE),
+            max_connections: problems.env(env, ENV_MAX_CONNECTIONS),
+            max_in_flight: problems.env(env, ENV_MAX_IN_FLIGHT),
+            idle_timeout: problems.env(env, ENV_IDLE_TIMEOUT),
+            header_read_timeout: problems.env(env, ENV_HEADER_READ_TIMEOUT),
+            body_read_timeout: problems.env(env, ENV_BODY_READ_TIMEOUT),
             jwt_keys_dir: env.var(ENV_JWT_KEYS_DIR).map(PathBuf::from),
             jwt_active_kid: env.var(ENV_JWT_ACTIVE_KID),
             jwt_private_key: env.var(ENV_JWT_PRIVATE_KEY).map(Secret::new),
@@ -248,6 +280,11 @@ impl Layer {
             log_format: other.log_format.or(self.log_format),
             log: other.log.or(self.log),
             shutdown_grace: other.shutdown_grace.or(self.shutdown_grace),
+            max_connections: other.max_connections.or(self.max_connections),
+            max_in_flight: other.max_in_flight.or(self.max_in_flight),
+            idle_timeout: other.idle_timeout.or(self.idle_timeout),
+            header_read_timeout: other.header_read_timeout.or(self.header_read_timeout),
+            body_read_timeout: other.body_read_timeout.or(self.body_read_timeout),
             jwt_keys_dir: other.jwt_keys_dir.or(self.jwt_keys_dir),
             jwt_active_kid: other.jwt_active_kid.or(self.jwt_active_kid),
             jwt_private_key: other.jwt_private_key.or(self.jwt_private_key),
@@ -405,6 +442,30 @@ impl Config {
                 format_args!("{hash_concurrency} is outside 1..=256"),
             );
         }
+        let limits = ListenerLimits {
+            max_connections: layer.max_connections.unwrap_or(1024),
+            max_in_flight: layer.max_in_flight.unwrap_or(256),
+            idle_timeout: layer.idle_timeout.unwrap_or(Millis(75_000)),
+            header_read_timeout: layer.header_read_timeout.unwrap_or(Millis(10_000)),
+            body_read_timeout: layer.body_read_timeout.unwrap_or(Millis(30_000)),
+        };
+        for (setting, value) in [
+            ("max_connections", limits.max_connections),
+            ("max_in_flight", limits.max_in_flight),
+        ] {
+            if !(1..=1_000_000).contains(&value) {
+                problems.push(setting, format_args!("{value} is outside 1..=1000000"));
+            }
+        }
+        for (setting, value) in [
+            ("idle_timeout", limits.idle_timeout),
+            ("header_read_timeout", limits.header_read_timeout),
+            ("body_read_timeout", limits.body_read_timeout),
+        ] {
+            if value.0 == 0 {
+                problems.push(setting, "must be greater than zero");
+            }
+        }
         let jwt = JwtConfig {
             keys_dir: layer.jwt_keys_dir,
             active_kid: layer.jwt_active_kid,
@@ -526,6 +587,7 @@ impl Config {
             log_format: layer.log_format.unwrap_or(LogFormat::Json),
             log_filter,
             shutdown_grace: layer.shutdown_grace.unwrap_or(Millis(20_000)),
+            limits,
         }
     }
 }

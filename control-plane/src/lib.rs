@@ -39,6 +39,53 @@ pub enum RunError {
     Payments(#[from] payments::PayError),
 }
 
+/// Descriptors kept for Redis, the payment gateways' HTTP clients, key files and the like.
+const OTHER_DESCRIPTORS: usize = 128;
+
+/// The REST listener's limits, from the configuration.
+pub fn api_limits(config: &Config) -> tollgate_serve::Limits {
+    let l = &config.limits;
+    tollgate_serve::Limits {
+        max_connections: l.max_connections,
+        max_in_flight: l.max_in_flight,
+        idle_timeout: l.idle_timeout.duration(),
+        header_read_timeout: l.header_read_timeout.duration(),
+        body_read_timeout: l.body_read_timeout.duration(),
+        max_header_bytes: 16 << 10,
+        // Announced bodies above the limit are refused before a byte of them is read.
+        max_body_bytes: Some(config.body_limit as u64),
+        grace: config.shutdown_grace.duration(),
+    }
+}
+
+/// Serves `router` on `listener` with `limits` (caps, timeouts, the graceful shutdown of
+/// tollgate-serve) until `shutdown` completes and the requests already received are answered.
+/// Handlers see the client's address as axum's `ConnectInfo<SocketAddr>`. One call per listener.
+pub async fn serve_router(
+    listener: TcpListener,
+    name: &str,
+    limits: tollgate_serve::Limits,
+    metrics: tollgate_serve::ListenerMetrics,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()>,
+) -> tollgate_serve::Stopped {
+    use tower::ServiceExt;
+    let handler = move |mut request: axum::http::Request<tollgate_serve::RequestBody>,
+                        peer: SocketAddr| {
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let router = router.clone();
+        async move {
+            match router.oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            }
+        }
+    };
+    tollgate_serve::serve(listener, name, limits, metrics, handler, shutdown).await
+}
+
 /// Serves the REST API on `listener` until `shutdown` completes, then lets in-flight requests
 /// finish for up to `shutdown_grace`.
 pub async fn run(
@@ -56,7 +103,6 @@ pub async fn run(
     {
         tracing::warn!("redis is not reachable yet; serving anyway and retrying in the background");
     }
-    let grace = config.shutdown_grace.duration();
     let ring = auth::signing::KeyRing::load(&config.jwt, config.data_dir.as_deref())?;
     let tokens = auth::jwt::Tokens::new(
         Arc::new(ring),
@@ -106,22 +152,16 @@ pub async fn run(
         sync,
         payments,
     };
-    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    tracing::info!(addr = %listener.local_addr()?, "control plane listening");
-
-    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = stopping_tx.send(true);
-    });
-    let deadline = async move {
-        let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        served = server => served?,
-        () = deadline => tracing::warn!("shutdown grace expired with requests still in flight"),
+    let reserve = state.config.db_pool_size + OTHER_DESCRIPTORS;
+    let mut limits = api_limits(&state.config);
+    if let Some(nofile) = tollgate_serve::fds::raise_nofile_limit() {
+        tollgate_serve::fds::fit_connections("api", &mut limits, reserve, nofile);
     }
+    let metrics = state.metrics.serve.listener("api");
+    let app = http::router(state);
+    tracing::info!(addr = %listener.local_addr()?, "control plane listening");
+    let stopped = serve_router(listener, "api", limits, metrics, app, shutdown).await;
+    tracing::info!(cut = stopped.cut, "stopped");
     for worker in workers {
         worker.abort();
     }

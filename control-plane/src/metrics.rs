@@ -24,6 +24,9 @@ pub struct Metrics {
     pub orders: IntCounterVec,
     /// Orders that reconciliation found paid although no notification arrived.
     pub reconcile_paid_found: IntCounterVec,
+    /// Connections, overload refusals, timeouts and accept errors, by listener (`api`):
+    /// `tollgate_cp_open_connections`, `tollgate_cp_overload_total`, ...
+    pub serve: tollgate_serve::ServeMetrics,
 }
 
 impl Metrics {
@@ -108,7 +111,9 @@ impl Metrics {
                 .register(collector)
                 .expect("metric names are unique");
         }
+        let serve = tollgate_serve::ServeMetrics::new("tollgate_cp", &registry);
         Metrics {
+            serve,
             registry,
             http_requests,
             http_duration,

@@ -1,50 +1,46 @@
 //! The admin listener: `/healthz`, `/readyz` (JWKS loaded and Redis reachable) and `/metrics`.
-//! Never on the proxy listener.
+//! Never on the proxy listener. It has limits of its own ([`limits`]), small and fixed: a few
+//! probes and scrapers use it, and it must answer whatever the proxy listener suffers.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode, header};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
-use tokio::net::TcpListener;
 use tollgate_common::error::ErrorBody;
+use tollgate_serve::Limits;
 
-use crate::{Body, Shared, full_body};
+use crate::{Body, RequestBody, Shared, full_body};
 
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| {
-                let shared = shared.clone();
-                async move {
-                    // Every response of both programs carries a request id, these too.
-                    let id = tollgate_common::request_id::choose(
-                        request
-                            .headers()
-                            .get(tollgate_common::request_id::HEADER)
-                            .map(|v| v.as_bytes()),
-                    );
-                    let mut response = answer(&shared, request).await;
-                    if let Ok(value) = header::HeaderValue::from_str(&id) {
-                        response
-                            .headers_mut()
-                            .insert(tollgate_common::request_id::HEADER, value);
-                    }
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+/// The admin listener's limits.
+pub fn limits() -> Limits {
+    Limits {
+        max_connections: 64,
+        max_in_flight: 64,
+        idle_timeout: Duration::from_secs(30),
+        header_read_timeout: Duration::from_secs(5),
+        body_read_timeout: Duration::from_secs(5),
+        max_header_bytes: 16 << 10,
+        max_body_bytes: Some(0),
+        grace: Duration::from_secs(1),
     }
+}
+
+/// Answers one admin request; every response carries a request id, as on every listener.
+pub async fn handle(shared: Arc<Shared>, request: Request<RequestBody>) -> Response<Body> {
+    let id = tollgate_common::request_id::choose(
+        request
+            .headers()
+            .get(tollgate_common::request_id::HEADER)
+            .map(|v| v.as_bytes()),
+    );
+    let mut response = answer(&shared, request).await;
+    if let Ok(value) = header::HeaderValue::from_str(&id) {
+        response
+            .headers_mut()
+            .insert(tollgate_common::request_id::HEADER, value);
+    }
+    response
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<Body> {
@@ -57,7 +53,7 @@ fn json_response(status: StatusCode, body: String) -> Response<Body> {
     response
 }
 
-async fn answer(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
+async fn answer(shared: &Shared, request: Request<RequestBody>) -> Response<Body> {
     match request.uri().path() {
         "/healthz" => json_response(StatusCode::OK, json!({"status": "ok"}).to_string()),
         "/readyz" => {

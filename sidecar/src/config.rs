@@ -25,6 +25,10 @@ pub const ENV_UPSTREAM_TIMEOUT: &str = "TOLLGATE_SIDECAR_UPSTREAM_TIMEOUT";
 pub const ENV_CONNECT_TIMEOUT: &str = "TOLLGATE_SIDECAR_CONNECT_TIMEOUT";
 pub const ENV_HEADER_TIMEOUT: &str = "TOLLGATE_SIDECAR_HEADER_READ_TIMEOUT";
 pub const ENV_MAX_HEADER_BYTES: &str = "TOLLGATE_SIDECAR_MAX_HEADER_BYTES";
+pub const ENV_MAX_CONNECTIONS: &str = "TOLLGATE_SIDECAR_MAX_CONNECTIONS";
+pub const ENV_MAX_IN_FLIGHT: &str = "TOLLGATE_SIDECAR_MAX_IN_FLIGHT";
+pub const ENV_IDLE_TIMEOUT: &str = "TOLLGATE_SIDECAR_IDLE_TIMEOUT";
+pub const ENV_BODY_READ_TIMEOUT: &str = "TOLLGATE_SIDECAR_BODY_READ_TIMEOUT";
 pub const ENV_LOG_FORMAT: &str = "TOLLGATE_LOG_FORMAT";
 pub const ENV_LOG: &str = "TOLLGATE_LOG";
 pub const ENV_SHUTDOWN_GRACE: &str = "TOLLGATE_SHUTDOWN_GRACE";
@@ -76,8 +80,17 @@ pub struct Config {
     pub trusted_jwks: Vec<String>,
     pub upstream_timeout: Millis,
     pub connect_timeout: Millis,
+    /// From a request head's first byte until it is complete.
     pub header_read_timeout: Millis,
     pub max_header_bytes: usize,
+    /// Client connections on the proxy listener; at the cap the idlest is closed, else 503.
+    pub max_connections: usize,
+    /// Requests in progress on the proxy listener; past it `503 overloaded` at once.
+    pub max_in_flight: usize,
+    /// A connection with no request in progress is closed after this.
+    pub idle_timeout: Millis,
+    /// The longest a request body may stall between two pieces.
+    pub body_read_timeout: Millis,
     pub log_format: LogFormat,
     pub log_filter: String,
     pub shutdown_grace: Millis,
@@ -113,6 +126,10 @@ pub struct Layer {
     pub connect_timeout: Option<Millis>,
     pub header_read_timeout: Option<Millis>,
     pub max_header_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_in_flight: Option<usize>,
+    pub idle_timeout: Option<Millis>,
+    pub body_read_timeout: Option<Millis>,
     pub log_format: Option<LogFormat>,
     pub log: Option<String>,
     pub shutdown_grace: Option<Millis>,
@@ -147,6 +164,10 @@ impl Layer {
             connect_timeout: problems.env(env, ENV_CONNECT_TIMEOUT),
             header_read_timeout: problems.env(env, ENV_HEADER_TIMEOUT),
             max_header_bytes: problems.env(env, ENV_MAX_HEADER_BYTES),
+            max_connections: problems.env(env, ENV_MAX_CONNECTIONS),
+            max_in_flight: problems.env(env, ENV_MAX_IN_FLIGHT),
+            idle_timeout: problems.env(env, ENV_IDLE_TIMEOUT),
+            body_read_timeout: problems.env(env, ENV_BODY_READ_TIMEOUT),
             log_format: problems.env(env, ENV_LOG_FORMAT),
             log: env.var(ENV_LOG),
             shutdown_grace: problems.env(env, ENV_SHUTDOWN_GRACE),
@@ -176,6 +197,10 @@ impl Layer {
             connect_timeout: other.connect_timeout.or(self.connect_timeout),
             header_read_timeout: other.header_read_timeout.or(self.header_read_timeout),
             max_header_bytes: other.max_header_bytes.or(self.max_header_bytes),
+            max_connections: other.max_connections.or(self.max_connections),
+            max_in_flight: other.max_in_flight.or(self.max_in_flight),
+            idle_timeout: other.idle_timeout.or(self.idle_timeout),
+            body_read_timeout: other.body_read_timeout.or(self.body_read_timeout),
             log_format: other.log_format.or(self.log_format),
             log: other.log.or(self.log),
             shutdown_grace: other.shutdown_grace.or(self.shutdown_grace),
@@ -312,10 +337,22 @@ impl Config {
                 format_args!("{}ms is outside 1s..=5m", settle_window.0),
             );
         }
+        let max_connections = layer.max_connections.unwrap_or(4096);
+        let max_in_flight = layer.max_in_flight.unwrap_or(1024);
+        for (setting, value) in [
+            ("max_connections", max_connections),
+            ("max_in_flight", max_in_flight),
+        ] {
+            if !(1..=1_000_000).contains(&value) {
+                problems.push(setting, format_args!("{value} is outside 1..=1000000"));
+            }
+        }
         for (setting, value) in [
             ("upstream_timeout", layer.upstream_timeout),
             ("connect_timeout", layer.connect_timeout),
             ("header_read_timeout", layer.header_read_timeout),
+            ("idle_timeout", layer.idle_timeout),
+            ("body_read_timeout", layer.body_read_timeout),
         ] {
             if value.is_some_and(|m| m.0 == 0) {
                 problems.push(setting, "must be greater than zero");
@@ -338,6 +375,10 @@ impl Config {
             connect_timeout: layer.connect_timeout.unwrap_or(Millis(2_000)),
             header_read_timeout: layer.header_read_timeout.unwrap_or(Millis(10_000)),
             max_header_bytes,
+            max_connections,
+            max_in_flight,
+            idle_timeout: layer.idle_timeout.unwrap_or(Millis(75_000)),
+            body_read_timeout: layer.body_read_timeout.unwrap_or(Millis(30_000)),
             log_format: layer.log_format.unwrap_or(LogFormat::Json),
             log_filter,
             shutdown_grace: layer.shutdown_grace.unwrap_or(Millis(20_000)),

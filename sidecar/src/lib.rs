@@ -13,7 +13,6 @@ pub mod store;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,13 +21,14 @@ use bytes::Bytes;
 use fred::prelude::*;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::service::service_fn;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tollgate_common::keys::{CacheEvent, Keys};
+use tollgate_serve::Limits;
 use uuid::Uuid;
 
 use crate::auth::Authenticator;
@@ -38,6 +38,8 @@ use crate::routes::{Routes, RoutesError};
 use crate::store::Store;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A client's request body: hyper's, failing once it stalls past `body_read_timeout`.
+pub use tollgate_serve::RequestBody;
 /// Every body the sidecar sends or forwards.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 pub type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Body>;
@@ -74,6 +76,29 @@ pub struct Shared {
     pub refusals: refusals::Refusals,
     /// Settles retried in the background after a Redis timeout.
     pub refunds: Arc<refunds::Refunds>,
+    /// Work that must finish before the process exits: every request's task (proxy.rs) and
+    /// anything else spawned here. Shutdown waits for it after the connections have closed.
+    pub tasks: TaskTracker,
+}
+
+/// Idle upstream connections kept per app host (descriptors reserved for them too).
+const UPSTREAM_IDLE_POOL: usize = 256;
+/// Descriptors kept for Redis, the JWKS and control-plane calls, the routes file and the like.
+const OTHER_DESCRIPTORS: usize = 128;
+
+/// The proxy listener's limits, from the configuration.
+pub fn proxy_limits(config: &Config) -> Limits {
+    Limits {
+        max_connections: config.max_connections,
+        max_in_flight: config.max_in_flight,
+        idle_timeout: config.idle_timeout.duration(),
+        header_read_timeout: config.header_read_timeout.duration(),
+        body_read_timeout: config.body_read_timeout.duration(),
+        max_header_bytes: config.max_header_bytes,
+        // Bodies are metered against the byte quota instead (proxy.rs).
+        max_body_bytes: None,
+        grace: config.shutdown_grace.duration(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,7 +250,7 @@ pub async fn run(
     connector.set_nodelay(true);
     let http: HttpClient = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
+        .pool_max_idle_per_host(UPSTREAM_IDLE_POOL)
         .build(connector);
     let metrics = Arc::new(Metrics::new());
     metrics.register_routes(table.routes.labels());
@@ -252,6 +277,7 @@ pub async fn run(
             inflight: std::sync::Mutex::new(HashMap::new()),
         },
         config: Arc::new(config),
+        tasks: TaskTracker::new(),
     });
 
     let tasks = [
@@ -265,48 +291,56 @@ pub async fn run(
         "sidecar listening"
     );
 
-    let graceful = GracefulShutdown::new();
-    let admin_task = tokio::spawn(admin::serve(shared.clone(), admin));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(pair) => pair,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                serve_connection(&shared, &graceful, stream, peer);
-            }
-            () = &mut shutdown => break,
+    let mut limits = proxy_limits(&shared.config);
+    if let Some(nofile) = tollgate_serve::fds::raise_nofile_limit() {
+        let reserve = admin::limits().descriptors()
+            + shared.config.max_in_flight
+            + UPSTREAM_IDLE_POOL
+            + OTHER_DESCRIPTORS;
+        tollgate_serve::fds::fit_connections("proxy", &mut limits, reserve, nofile);
+    }
+    // The admin listener has limits and a task of its own, so probes and scrapes are answered
+    // whatever the proxy port suffers; it closes last.
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(tollgate_serve::serve(
+        admin,
+        "admin",
+        admin::limits(),
+        shared.metrics.serve.listener("admin"),
+        {
+            let shared = shared.clone();
+            move |request, _peer| admin::handle(shared.clone(), request)
+        },
+        admin_stop.clone().cancelled_owned(),
+    ));
+
+    let stopped_at = Arc::new(std::sync::OnceLock::new());
+    let shutdown = {
+        let stopped_at = stopped_at.clone();
+        async move {
+            shutdown.await;
+            let _ = stopped_at.set(Instant::now());
+            tracing::info!("shutting down: no new connections; answering what was received");
         }
-    }
-    drop(listener);
-    tracing::info!("shutting down: no new connections; letting in-flight requests finish");
+    };
+    let proxy = tollgate_serve::serve(
+        listener,
+        "proxy",
+        limits,
+        shared.metrics.serve.listener("proxy"),
+        {
+            let shared = shared.clone();
+            move |request, peer| proxy::handle(shared.clone(), request, peer)
+        },
+        shutdown,
+    )
+    .await;
     let grace = shared.config.shutdown_grace.duration();
-    let started = tokio::time::Instant::now();
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace expired with requests still in flight");
-    }
-    // Refunds still retrying get what is left of the grace.
-    let left = shared
-        .refunds
-        .flush(grace.saturating_sub(started.elapsed()))
-        .await;
-    if left > 0 {
-        tracing::error!(
-            pending = left,
-            "exiting with refunds that did not land: those calls stay charged"
-        );
-    }
-    admin_task.abort();
+    let deadline = *stopped_at.get_or_init(Instant::now) + grace;
+    drain(&shared, deadline).await;
+    tracing::info!(cut = proxy.cut, "stopped");
+    admin_stop.cancel();
+    let _ = admin_task.await;
     for task in tasks {
         task.abort();
     }
@@ -314,37 +348,30 @@ pub async fn run(
     Ok(())
 }
 
-fn serve_connection(
-    shared: &Arc<Shared>,
-    graceful: &GracefulShutdown,
-    stream: tokio::net::TcpStream,
-    peer: SocketAddr,
-) {
-    let config = &shared.config;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout.duration())
-        .max_buf_size(config.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(config.max_header_bytes as u32);
-    let shared = shared.clone();
-    let service = service_fn(move |request| {
-        let shared = shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(proxy::handle(shared, request, peer).await) }
-    });
-    let connection = builder
-        .serve_connection(TokioIo::new(stream), service)
-        .into_owned();
-    let connection = graceful.watch(connection);
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, %peer, "connection ended with an error");
-        }
-    });
+/// The last step of shutdown, once every connection has closed: waits, until `deadline`, for
+/// the work in [`Shared::tasks`] (requests whose client went away, settles and refunds).
+async fn drain(shared: &Shared, deadline: Instant) {
+    shared.tasks.close();
+    if tokio::time::timeout_at(deadline, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            unfinished = shared.tasks.len(),
+            "shutdown grace expired with request work unfinished"
+        );
+    }
+    // Refunds still retrying get what is left of the grace.
+    let left = shared
+        .refunds
+        .flush(deadline.saturating_duration_since(Instant::now()))
+        .await;
+    if left > 0 {
+        tracing::error!(
+            pending = left,
+            "exiting with refunds that did not land: those calls stay charged"
+        );
+    }
 }
 
 async fn refresh_jwks(shared: Arc<Shared>) {

@@ -1,6 +1,8 @@
 //! The sidecar's Prometheus metrics (`tollgate_sidecar_*`). Dashboards and alerts in `k8s/` use
 //! exactly these names.
 
+use tollgate_serve::ServeMetrics;
+
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
@@ -25,6 +27,9 @@ pub struct Metrics {
     pub refunds_given_up: prometheus::IntCounter,
     /// Requests refused from the local refusal cache, without Redis, by kind.
     pub cached_refusals: IntCounterVec,
+    /// Connections, overload refusals, timeouts and accept errors of both listeners
+    /// (`proxy`, `admin`): `tollgate_sidecar_open_connections`, `..._overload_total`, ...
+    pub serve: ServeMetrics,
 }
 
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -159,7 +164,9 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        let serve = ServeMetrics::new("tollgate_sidecar", &registry);
         Metrics {
+            serve,
             registry,
             requests,
             decision_seconds,

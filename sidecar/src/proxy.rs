@@ -30,7 +30,7 @@ use crate::refunds::PendingSettle;
 use crate::refusals::{Cached, QuotaRefusal};
 use crate::routes::{Cost, Quota, RateLimit, Route};
 use crate::store::{Charge, Charged, DecideInput, Decision, SettleInput};
-use crate::{Body, BoxError, Refilled, Shared, Table, full_body};
+use crate::{Body, BoxError, Refilled, RequestBody, Shared, Table, full_body};
 
 /// Headers a client may not set: the sidecar is the only source of these.
 const IDENTITY_HEADERS: [&str; 4] = ["x-user-id", "x-auth-method", "x-plan", "x-request-id"];
@@ -110,10 +110,11 @@ pub struct Ctx {
 /// drops this future, but the decision is still settled and logged.
 pub async fn handle(
     shared: Arc<Shared>,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Response<Body> {
-    let task = tokio::spawn(serve(shared, request, peer));
+    // Tracked, so that shutdown waits for it (lib.rs, `drain`).
+    let task = shared.tasks.spawn(serve(shared.clone(), request, peer));
     match task.await {
         Ok(response) => response,
         Err(e) => {
@@ -129,7 +130,7 @@ pub async fn handle(
 
 async fn serve(
     shared: Arc<Shared>,
-    mut request: Request<Incoming>,
+    mut request: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -154,7 +155,7 @@ async fn serve(
 }
 
 /// Phase 1: request id, route, and no identity header from the client survives.
-fn early(table: &Table, request: &mut Request<Incoming>) -> Ctx {
+fn early(table: &Table, request: &mut Request<RequestBody>) -> Ctx {
     let request_id = request_id::choose(
         request
             .headers()
@@ -190,7 +191,7 @@ async fn pipeline(
     shared: &Shared,
     table: &Table,
     ctx: &mut Ctx,
-    mut request: Request<Incoming>,
+    mut request: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Result<Response<Body>, Refusal> {
     if !crate::routes::is_normal_path(&ctx.path) {
@@ -218,7 +219,7 @@ async fn pipeline(
 async fn authenticate(
     shared: &Shared,
     ctx: &mut Ctx,
-    request: &mut Request<Incoming>,
+    request: &mut Request<RequestBody>,
 ) -> Result<(), Refusal> {
     let key = request.headers_mut().remove("x-api-key");
     let result = if let Some(key) = key {
@@ -262,7 +263,7 @@ async fn decide(
     shared: &Shared,
     table: &Table,
     ctx: &mut Ctx,
-    request: &Request<Incoming>,
+    request: &Request<RequestBody>,
 ) -> Result<(), Refusal> {
     let Some(identity) = ctx.identity else {
         return Err(Refusal::Unauthorized);
@@ -502,7 +503,7 @@ async fn forward(
     shared: &Shared,
     table: &Table,
     ctx: &Ctx,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Forwarded {
     let (mut parts, body) = request.into_parts();
@@ -573,7 +574,7 @@ async fn forward(
                 Some(meter),
             )
         } else {
-            (body.map_err(BoxError::from).boxed_unsync(), None)
+            (body.boxed_unsync(), None)
         };
     let request = Request::from_parts(parts, body);
     let started = Instant::now();
@@ -1011,7 +1012,7 @@ struct Reserver {
 type Reserving = Pin<Box<dyn Future<Output = Result<u64, crate::store::StoreError>> + Send>>;
 
 struct MeteredBody {
-    inner: Incoming,
+    inner: RequestBody,
     meter: Arc<BodyMeter>,
     reserver: Option<Arc<Reserver>>,
     /// A frame past what is reserved, held while more is asked for.
@@ -1089,7 +1090,7 @@ impl http_body::Body for MeteredBody {
             Poll::Ready(Some(Ok(frame))) => this.admit(frame, cx),
             Poll::Ready(Some(Err(e))) => {
                 this.meter.finish(BodyEnd::ClientFailed);
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.meter.finish(BodyEnd::Complete);
