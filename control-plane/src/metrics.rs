@@ -11,12 +11,12 @@ pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
-    /// Usage-stream entries drained into the ledger, by kind (use, refund, malformed,
-    /// duplicate_or_unknown).
+    /// Usage bucket entries drained into the ledger, by kind (applied, duplicate, dropped,
+    /// malformed).
     pub usage_drained: IntCounterVec,
-    /// Entries waiting in the sidecars' usage streams.
+    /// Closed usage buckets the current drain pass staged and has not yet recorded.
     pub usage_backlog: IntGauge,
-    /// Age of the oldest event in the last drained batch.
+    /// Seconds since the end of the newest minute known to be in the ledger.
     pub usage_lag: Gauge,
     /// Gateway notifications by channel and result (processed, duplicate, rejected).
     pub payment_notifications: IntCounterVec,
