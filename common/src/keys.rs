@@ -74,8 +74,9 @@ pub mod bucket_field {
     pub const AMOUNT_PREFIX: &str = "a:";
     pub const CALLS_PREFIX: &str = "n:";
     /// Set by `lua/drain_claim.lua` on a bucket being drained: the id of the drain pass that
-    /// staged it.
+    /// staged it, and when (ms). Every field starting with `_` is bookkeeping, not usage.
     pub const STAGED_BY: &str = "_id";
+    pub const STAGED_AT: &str = "_at";
 
     /// What follows the user in a bucket field: `<app>|<quota type>|<route>`. A sidecar builds
     /// it once per route; the scripts prepend the prefix and the user.

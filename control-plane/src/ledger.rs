@@ -38,6 +38,11 @@ const PARALLEL: usize = 64;
 const MINUTES_PER_CALL: usize = 30;
 /// A regular pass looks this far back behind the newest closed minute.
 const RECENT_MS: i64 = 3 * BUCKET_MS;
+/// Shards recorded in one transaction: what one pass holds in memory is bounded by this many
+/// shards' buckets of `MINUTES_PER_CALL` minutes.
+const SHARDS_PER_TX: u16 = 64;
+/// A bucket another pass staged is left to it this long before this one takes it over.
+const PATIENCE_MS: i64 = 30_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -151,6 +156,7 @@ impl Drainer {
         shard: u16,
         minutes: &[i64],
         stamp: &str,
+        now_ms: i64,
     ) -> Result<Vec<Staged>, Error> {
         let mut out = Vec::new();
         for slice in minutes.chunks(MINUTES_PER_CALL) {
@@ -165,7 +171,15 @@ impl Drainer {
                 .collect();
             let reply: Value = self
                 .claim
-                .evalsha_with_reload(&self.redis, keys, vec![stamp.to_owned()])
+                .evalsha_with_reload(
+                    &self.redis,
+                    keys,
+                    vec![
+                        stamp.to_owned(),
+                        now_ms.to_string(),
+                        PATIENCE_MS.to_string(),
+                    ],
+                )
                 .await?;
             let Value::Array(items) = reply else { continue };
             for item in items {
@@ -194,41 +208,70 @@ impl Drainer {
     }
 
     /// One pass over every shard for the closed minutes from `from_ms` (inclusive) to the newest
-    /// closed one at `now_ms`: stage, record in one transaction, delete what was recorded.
+    /// closed one at `now_ms`, oldest minutes first, a group of shards at a time (starting at a
+    /// random one, so replicas spread out): stage, record in one transaction, delete what was
+    /// recorded.
     pub async fn pass_from(&self, from_ms: i64, now_ms: i64) -> Result<Pass, LedgerError> {
-        let staging = self.stage(from_ms, now_ms).await?;
-        if staging.buckets.is_empty() {
-            return Ok(Pass::default());
+        let last = self.last_closed(now_ms);
+        let minutes: Vec<i64> = (0..)
+            .map(|i| bucket_start(from_ms) + i * BUCKET_MS)
+            .take_while(|m| *m <= last)
+            .collect();
+        let offset = (Uuid::new_v4().as_u128() % u128::from(SHARDS)) as u16;
+        let mut total = Pass::default();
+        for slice in minutes.chunks(MINUTES_PER_CALL) {
+            for group in 0..SHARDS.div_ceil(SHARDS_PER_TX) {
+                let shards: Vec<u16> = (0..SHARDS_PER_TX)
+                    .map(|i| (offset + group * SHARDS_PER_TX + i) % SHARDS)
+                    .collect();
+                let staging = self.stage_shards(&shards, slice, now_ms).await?;
+                if staging.buckets.is_empty() {
+                    continue;
+                }
+                let recorded = self.record(&staging).await?;
+                self.finish(&staging).await?;
+                total.buckets += staging.buckets.len();
+                total.malformed += staging.malformed;
+                total.recorded.applied += recorded.applied;
+                total.recorded.duplicate += recorded.duplicate;
+                total.recorded.dropped += recorded.dropped;
+            }
         }
-        let recorded = self.record(&staging).await?;
-        self.finish(&staging).await?;
-        Ok(Pass {
-            buckets: staging.buckets.len(),
-            recorded,
-            malformed: staging.malformed,
-        })
+        self.metrics.usage_backlog.set(0);
+        Ok(total)
     }
 
     /// Step 1 of a pass: stages the closed buckets of every shard from `from_ms` on and reads
-    /// them (and any left staged by an earlier pass).
+    /// them (and any an earlier pass left staged and gave up on).
     pub async fn stage(&self, from_ms: i64, now_ms: i64) -> Result<Staging, LedgerError> {
         let last = self.last_closed(now_ms);
         let minutes: Vec<i64> = (0..)
             .map(|i| bucket_start(from_ms) + i * BUCKET_MS)
             .take_while(|m| *m <= last)
             .collect();
+        let shards: Vec<u16> = (0..SHARDS).collect();
+        self.stage_shards(&shards, &minutes, now_ms).await
+    }
+
+    async fn stage_shards(
+        &self,
+        shards: &[u16],
+        minutes: &[i64],
+        now_ms: i64,
+    ) -> Result<Staging, LedgerError> {
         if minutes.is_empty() {
             return Ok(Staging::default());
         }
         let stamp = Uuid::new_v4().to_string();
-        let claims: Vec<Result<Vec<Staged>, Error>> = futures_util::stream::iter(0..SHARDS)
-            .map(|shard| {
-                let (minutes, stamp) = (&minutes, &stamp);
-                async move { self.claim_shard(shard, minutes, stamp).await }
-            })
-            .buffer_unordered(PARALLEL)
-            .collect()
-            .await;
+        let claims: Vec<Result<Vec<Staged>, Error>> =
+            futures_util::stream::iter(shards.iter().copied())
+                .map(|shard| {
+                    let stamp = &stamp;
+                    async move { self.claim_shard(shard, minutes, stamp, now_ms).await }
+                })
+                .buffer_unordered(PARALLEL)
+                .collect()
+                .await;
         let mut buckets = Vec::new();
         for claim in claims {
             buckets.extend(claim?);
@@ -283,7 +326,6 @@ impl Drainer {
         for delete in deletes {
             delete?;
         }
-        self.metrics.usage_backlog.set(0);
         Ok(())
     }
 
@@ -384,7 +426,8 @@ fn entries_of(staged: &[Staged]) -> (Vec<(Uuid, db::usage::Bucket)>, usize) {
             continue;
         };
         for (field, value) in &s.fields {
-            if field == bucket_field::STAGED_BY {
+            if field.starts_with('_') {
+                // The staging stamp and time.
                 continue;
             }
             let (Some(f), Ok(n)) = (bucket_field::parse(field), value.parse::<i64>()) else {

@@ -235,8 +235,12 @@ async fn a_drain_that_dies_after_its_commit_and_two_drains_at_once_count_each_bu
         ledger_sums(&db, &user, "api_calls_full_process").await,
         (5, 5)
     );
-    // The next pass finds the staged buckets again and adds nothing.
-    let pass = drainer().pass_from(from, later).await.expect("pass");
+    // A later pass (once the dead one's buckets have waited long enough) finds the staged
+    // buckets again and adds nothing.
+    let pass = drainer()
+        .pass_from(from, later + 60_000)
+        .await
+        .expect("pass");
     assert_eq!(pass.recorded.applied, 0, "{pass:?}");
     assert!(pass.recorded.duplicate > 0, "{pass:?}");
     assert_eq!(

@@ -87,7 +87,7 @@ pub fn document(ops: &[Op], server: &str) -> Value {
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Tollgate control plane", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "Users, API keys, plans, quotas, usage, orders and payments. The contract is shared/API.md."},
+                 "description": "Users, API keys, plans, quotas, usage, orders and payments. The contract, with examples: docs/api.md in the repository."},
         "servers": [{"url": server}],
         "paths": paths,
         "components": {
