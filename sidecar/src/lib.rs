@@ -216,6 +216,10 @@ fn redis_builder(config: &Config) -> Result<Builder, fred::error::Error> {
         })
         .with_performance_config(|p| {
             p.default_command_timeout = timeout;
+            // fred 10 always pipelines: concurrent decisions share the connection and are written
+            // back to back without waiting for each other's answers, flushed every
+            // `max_feed_count` frames or when the queue runs dry (so a lone request at low load
+            // is not held back).
         })
         .set_policy(ReconnectPolicy::new_constant(0, 200));
     Ok(builder)

@@ -8,6 +8,10 @@ use clap::Parser;
 use tollgate_common::config::{ProcessEnv, Secret};
 use tollgate_sidecar::config::{Config, Layer};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "tollgate-sidecar", version, about)]
 struct Cli {
