@@ -320,6 +320,39 @@ mod tests {
         assert_eq!(bucket_start(-1), -60_000);
     }
 
+    /// The scripts spell a few field names themselves (they prepend the user to a bucket field,
+    /// recognise limit fields and the staging stamp): they must spell them as this module does.
+    #[test]
+    fn the_lua_scripts_agree_with_the_field_names_here() {
+        let decide = include_str!("../../lua/decide.lua");
+        let settle = include_str!("../../lua/settle.lua");
+        let sync_user = include_str!("../../lua/sync_user.lua");
+        let claim = include_str!("../../lua/drain_claim.lua");
+        let done = include_str!("../../lua/drain_done.lua");
+        for script in [decide, settle] {
+            assert!(script.contains(&format!("\"{}\" .. suffix", bucket_field::AMOUNT_PREFIX)));
+            assert!(script.contains(&format!("\"{}\" .. suffix", bucket_field::CALLS_PREFIX)));
+        }
+        assert!(sync_user.contains(&format!(
+            "string.sub(field, 1, {}) == \"{}\"",
+            user_field::QUOTA_PREFIX.len(),
+            user_field::QUOTA_PREFIX
+        )));
+        for field in [
+            user_field::STATUS,
+            user_field::TOKENS_VALID_AFTER,
+            user_field::PLAN,
+        ] {
+            assert!(decide.contains(&format!("\"{field}\"")), "{field}");
+            assert!(sync_user.contains(&format!("\"{field}\"")), "{field}");
+        }
+        assert!(sync_user.contains(&format!("\"{}\"", user_field::ROLE)));
+        for field in [bucket_field::STAGED_BY, bucket_field::STAGED_AT] {
+            assert!(claim.contains(&format!("\"{field}\"")), "{field}");
+        }
+        assert!(done.contains(&format!("\"{}\"", bucket_field::STAGED_BY)));
+    }
+
     #[test]
     fn login_counters_share_one_slot() {
         let keys = Keys::new("tg");
