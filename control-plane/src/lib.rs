@@ -13,7 +13,7 @@ pub mod payments;
 pub mod redis;
 pub mod sync;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -31,6 +31,11 @@ pub enum RunError {
     Redis(#[from] fred::error::Error),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot listen on {addr} (internal_listen): {source}")]
+    InternalListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Keys(#[from] auth::signing::KeyError),
     #[error(transparent)]
@@ -39,15 +44,34 @@ pub enum RunError {
     Payments(#[from] payments::PayError),
 }
 
-/// Serves the REST API on `listener` until `shutdown` completes, then lets in-flight requests
-/// finish for up to `shutdown_grace`.
+/// Serves the REST API on `listener` and the sidecars' `/internal/` calls on
+/// `internal_listen` until `shutdown` completes, then lets in-flight requests finish for up to
+/// `shutdown_grace`.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let db = db::pool(config.database_url.expose(), config.db_pool_size)?;
-    let redis = redis::client(config.redis_url.expose())?;
+    let addr = config.internal_listen;
+    let internal = TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::InternalListen { addr, source })?;
+    run_with_internal(config, listener, internal, shutdown).await
+}
+
+/// [`run`] with the internal listener already bound (tests bind both on port 0).
+pub async fn run_with_internal(
+    config: Config,
+    listener: TcpListener,
+    internal: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let db = db::pool(
+        config.database_url.expose(),
+        config.db_pool_size,
+        config.database_ca_file.as_deref(),
+    )?;
+    let redis = redis::client_with_ca(config.redis_url.expose(), config.redis_ca_file.as_deref())?;
     // Connects in the background and keeps reconnecting; readiness reports the state.
     let _connection = redis.connect();
     if tokio::time::timeout(std::time::Duration::from_secs(2), redis.wait_for_connect())
@@ -84,7 +108,7 @@ pub async fn run(
             .run_reconciler(std::time::Duration::from_secs(30)),
     );
     let state = AppState {
-        hasher: auth::Hasher::new(config.hash_concurrency)?,
+        hasher: auth::Hasher::new(config.hash_concurrency, config.hash_queue)?,
         throttle: auth::throttle::Throttle::new(keys, config.login.clone()),
         config: Arc::new(config),
         db,
@@ -94,10 +118,19 @@ pub async fn run(
         sync,
         payments,
     };
+    let internal_app = http::internal_router(state.clone());
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    tracing::info!(addr = %listener.local_addr()?, "control plane listening");
+    tracing::info!(addr = %listener.local_addr()?, internal = %internal.local_addr()?, "control plane listening");
 
     let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let mut internal_stopping = stopping_rx.clone();
+    let internal_server = tokio::spawn(
+        axum::serve(internal, internal_app)
+            .with_graceful_shutdown(async move {
+                let _ = internal_stopping.wait_for(|stopping| *stopping).await;
+            })
+            .into_future(),
+    );
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stopping_tx.send(true);
@@ -114,6 +147,7 @@ pub async fn run(
         worker.abort();
     }
     reconciler.abort();
+    internal_server.abort();
     let _ = redis.quit().await;
     Ok(())
 }

@@ -151,6 +151,8 @@ pub fn config_with(db: &TestDb, extra: &[(&str, &str)]) -> Config {
 /// A running control plane on 127.0.0.1:0; stops when the returned sender is dropped.
 pub struct Server {
     pub base: String,
+    /// The internal listener (`/internal/`), where sidecars call.
+    pub internal: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     redis_url: String,
     prefix: String,
@@ -188,7 +190,11 @@ pub async fn serve(config: Config) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
+    let internal = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let internal_base = format!("http://{}", internal.local_addr().expect("addr"));
     let redis_url = config.redis_url.expose().to_owned();
     let prefix = config.redis_prefix.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -196,12 +202,15 @@ pub async fn serve(config: Config) -> Server {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        if let Err(e) = tollgate_control_plane::run(config, listener, shutdown).await {
+        if let Err(e) =
+            tollgate_control_plane::run_with_internal(config, listener, internal, shutdown).await
+        {
             panic!("control plane failed: {e}");
         }
     });
     Server {
         base,
+        internal: internal_base,
         stop: Some(stop),
         redis_url,
         prefix,
@@ -341,6 +350,7 @@ pub struct Sidecar {
 pub async fn sidecar(
     config: &Config,
     control_plane: &str,
+    control_plane_internal: &str,
     upstream: &str,
     routes: &str,
 ) -> Sidecar {
@@ -354,6 +364,10 @@ pub async fn sidecar(
         (
             "TOLLGATE_SIDECAR_CONTROL_PLANE_URL",
             control_plane.to_owned(),
+        ),
+        (
+            "TOLLGATE_SIDECAR_CONTROL_PLANE_INTERNAL_URL",
+            control_plane_internal.to_owned(),
         ),
         ("REDIS_URL", config.redis_url.expose().to_owned()),
         ("TOLLGATE_REDIS_PREFIX", config.redis_prefix.clone()),
