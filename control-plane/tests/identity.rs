@@ -355,6 +355,14 @@ async fn forged_and_invalid_tokens_are_refused() {
     // The genuine key signs a valid token: the forgeries below fail for their flaw alone.
     let valid = sign(&claims(json!({})), Algorithm::EdDSA, &real, Some(TEST_KID));
     assert_eq!(api.get("/v1/me", Cred::Bearer(&valid)).await.status, 200);
+    // A clock a few seconds ahead is within the leeway.
+    let skewed = sign(
+        &claims(json!({"iat": now + 10})),
+        Algorithm::EdDSA,
+        &real,
+        Some(TEST_KID),
+    );
+    assert_eq!(api.get("/v1/me", Cred::Bearer(&skewed)).await.status, 200);
 
     let jwks = api.get("/.well-known/jwks.json", Cred::None).await;
     assert_eq!(jwks.status, 200);
@@ -449,6 +457,24 @@ async fn forged_and_invalid_tokens_are_refused() {
                 &claims(json!({})),
                 Algorithm::EdDSA,
                 &other_key,
+                Some(TEST_KID),
+            ),
+        ),
+        (
+            "issued a year in the future",
+            sign(
+                &claims(json!({"iat": now + 365 * 86_400})),
+                Algorithm::EdDSA,
+                &real,
+                Some(TEST_KID),
+            ),
+        ),
+        (
+            "issued beyond the leeway",
+            sign(
+                &claims(json!({"iat": now + 120})),
+                Algorithm::EdDSA,
+                &real,
                 Some(TEST_KID),
             ),
         ),
