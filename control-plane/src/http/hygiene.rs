@@ -211,6 +211,64 @@ mod tests {
         check("/v1/admin/users/%00", false);
     }
 
+    #[tokio::test]
+    async fn framework_refusals_get_the_contract_body() {
+        use axum::extract::Path;
+        use axum::routing::{get, post};
+        use tower::ServiceExt;
+        let app = axum::Router::new()
+            .route(
+                "/n/{n}",
+                get(|Path(n): Path<u32>| async move { n.to_string() }),
+            )
+            .route(
+                "/big",
+                post(|body: axum::body::Bytes| async move { body.len().to_string() }),
+            )
+            .route(
+                "/v1/payments/alipay/notify",
+                post(|| async { (StatusCode::BAD_REQUEST, "failure") }),
+            )
+            .layer(axum::extract::DefaultBodyLimit::max(8))
+            .layer(axum::middleware::from_fn(error_bodies));
+        let call = |method: &str, uri: &str, body: &'static str| {
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(axum::body::Body::from(body))
+                .expect("request");
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(request).await.expect("response");
+                let status = response.status().as_u16();
+                let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+                    .await
+                    .expect("body");
+                (status, String::from_utf8_lossy(&bytes).into_owned())
+            }
+        };
+        for (method, uri, body, status, code) in [
+            ("GET", "/n/not-a-number", "", 400, "invalid_request"),
+            (
+                "POST",
+                "/big",
+                "more than eight bytes",
+                413,
+                "payload_too_large",
+            ),
+        ] {
+            let (got, text) = call(method, uri, body).await;
+            assert_eq!(got, status, "{uri}: {text}");
+            let json: serde_json::Value = serde_json::from_str(&text).expect("a JSON body");
+            assert_eq!(json["error"]["code"], code, "{uri}");
+            assert!(json["error"]["message"].is_string());
+        }
+        assert_eq!(call("GET", "/n/7", "").await, (200, "7".to_owned()));
+        // The gateways' formats stay theirs.
+        let (status, text) = call("POST", "/v1/payments/alipay/notify", "").await;
+        assert_eq!((status, text.as_str()), (400, "failure"));
+    }
+
     #[test]
     fn json_text() {
         let check = |raw: &str, ok: bool| {

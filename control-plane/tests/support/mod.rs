@@ -155,6 +155,7 @@ pub struct Server {
     pub internal: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     redis_url: String,
+    redis_ca: Option<std::path::PathBuf>,
     prefix: String,
 }
 
@@ -165,7 +166,11 @@ impl Drop for Server {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let (url, prefix) = (self.redis_url.clone(), self.prefix.clone());
+        let (url, prefix, ca) = (
+            self.redis_url.clone(),
+            self.prefix.clone(),
+            self.redis_ca.clone(),
+        );
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -174,7 +179,7 @@ impl Drop for Server {
             runtime.block_on(async move {
                 // Let the server's workers stop before their keys go.
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                let redis = redis_at(&url).await;
+                let redis = redis_with_ca(&url, ca.as_deref()).await;
                 delete_prefix(&redis, &prefix).await;
             });
         })
@@ -196,6 +201,7 @@ pub async fn serve(config: Config) -> Server {
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let internal_base = format!("http://{}", internal.local_addr().expect("addr"));
     let redis_url = config.redis_url.expose().to_owned();
+    let redis_ca = config.redis_ca_file.clone();
     let prefix = config.redis_prefix.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -213,6 +219,7 @@ pub async fn serve(config: Config) -> Server {
         internal: internal_base,
         stop: Some(stop),
         redis_url,
+        redis_ca,
         prefix,
     }
 }
@@ -323,8 +330,12 @@ pub async fn redis() -> fred::clients::Client {
 }
 
 pub async fn redis_at(url: &str) -> fred::clients::Client {
+    redis_with_ca(url, None).await
+}
+
+pub async fn redis_with_ca(url: &str, ca: Option<&std::path::Path>) -> fred::clients::Client {
     use fred::interfaces::ClientLike;
-    let client = tollgate_control_plane::redis::client(url).expect("redis config");
+    let client = tollgate_control_plane::redis::client_with_ca(url, ca).expect("redis config");
     let mut tries = 0;
     loop {
         match client.init().await {
@@ -358,7 +369,7 @@ pub async fn sidecar(
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("routes.yaml");
     std::fs::write(&path, routes).expect("routes");
-    let env: BTreeMap<String, String> = [
+    let mut env: BTreeMap<String, String> = [
         ("TOLLGATE_SIDECAR_ROUTES", path.display().to_string()),
         ("TOLLGATE_SIDECAR_UPSTREAM", upstream.to_owned()),
         (
@@ -377,6 +388,12 @@ pub async fn sidecar(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
+    if let Some(ca) = &config.redis_ca_file {
+        env.insert(
+            "TOLLGATE_REDIS_CA_FILE".to_owned(),
+            ca.display().to_string(),
+        );
+    }
     let sidecar_config = tollgate_sidecar::config::Config::load(None, &env, Default::default())
         .expect("sidecar config");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
