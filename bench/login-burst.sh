@@ -8,6 +8,7 @@
 #   bench/login-burst.sh                 # 3 bursts of 64, defaults of the program
 #   BURSTS=5 CONCURRENCY=128 bench/login-burst.sh
 #   TOLLGATE_HASH_CONCURRENCY=4 bench/login-burst.sh   # any setting passes through
+#   TOLLGATE_SKIP_BUILD=1 bench/login-burst.sh          # use the release binary already built
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
@@ -33,7 +34,7 @@ cleanup() {
 trap cleanup EXIT
 
 cd "$REPO"
-cargo build --release --locked -p tollgate-control-plane >&2
+[[ "${TOLLGATE_SKIP_BUILD:-}" == 1 ]] || cargo build --release --locked -p tollgate-control-plane >&2
 BIN="$(cargo_bin_dir release)/tollgate-control-plane"
 psql -q "$PG_ADMIN_URL" -c "CREATE DATABASE $DB_NAME" >/dev/null
 DB_URL="${BASE_URL%/*}/$DB_NAME"

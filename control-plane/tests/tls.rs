@@ -340,7 +340,7 @@ async fn both_programs_reach_redis_and_postgres_over_tls() {
         use fred::interfaces::ClientLike;
         let wrong = tollgate_control_plane::redis::client_with_ca(&rediss, Some(&certs.other_ca))
             .expect("client");
-        let _ = wrong.connect();
+        let _connection = wrong.connect();
         let reached = tokio::time::timeout(Duration::from_secs(2), wrong.wait_for_connect()).await;
         assert!(
             !matches!(reached, Ok(Ok(()))),

@@ -123,8 +123,9 @@ pub async fn login(
     {
         return Err(too_many_attempts(seconds));
     }
-    let mut client = state.db.get().await.map_err(DbError::from)?;
+    // No pooled connection is held while the password is hashed (that may wait in the queue).
     let found = if accounts::normalize_email(&body.email).is_ok() {
+        let client = state.db.get().await.map_err(DbError::from)?;
         db::users::by_email(&**client, &account).await?
     } else {
         None
@@ -156,8 +157,13 @@ pub async fn login(
     {
         tracing::warn!(error = %e, "could not clear login failures");
     }
-    if phc.as_deref().is_some_and(password::needs_rehash) {
-        let fresh = state.hasher.hash(candidate).await?;
+    let fresh = if phc.as_deref().is_some_and(password::needs_rehash) {
+        Some(state.hasher.hash(candidate).await?)
+    } else {
+        None
+    };
+    let mut client = state.db.get().await.map_err(DbError::from)?;
+    if let Some(fresh) = fresh {
         db::users::set_password_hash(&**client, user.id, &fresh).await?;
     }
     let tx = client
