@@ -324,7 +324,12 @@ fn random_bytes_at_every_route_never_make_a_500() {
     });
     let http = reqwest::Client::new();
     let count = routes.len();
-    let mut config = ProptestConfig::with_cases(1024);
+    // PROPTEST_CASES=N for a longer run.
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let mut config = ProptestConfig::with_cases(cases);
     config.failure_persistence = None;
     proptest!(config, |(
         route in 0..count,

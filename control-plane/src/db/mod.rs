@@ -56,6 +56,20 @@ impl DbError {
         }
     }
 
+    /// Whether PostgreSQL refused text it cannot hold (NUL, invalid encoding): bad input that got
+    /// past the edge checks, to be answered as such rather than as an internal error.
+    pub fn bad_text(&self) -> bool {
+        match self {
+            DbError::Query { source, .. } => source.as_db_error().is_some_and(|db| {
+                matches!(
+                    *db.code(),
+                    SqlState::CHARACTER_NOT_IN_REPERTOIRE | SqlState::UNTRANSLATABLE_CHARACTER
+                )
+            }),
+            _ => false,
+        }
+    }
+
     /// The name of the CHECK constraint this error violated, if any.
     pub fn check_violation(&self) -> Option<&str> {
         match self {
