@@ -673,6 +673,45 @@ mod tests {
     }
 
     #[test]
+    fn internal_listener_tls_and_limits_are_checked() {
+        let config = Config::load(None, &env(&[]), Layer::default()).expect("valid");
+        assert_eq!(config.internal_listen.to_string(), "127.0.0.1:9002");
+        assert_eq!(config.hash_concurrency, 2, "fixed, not the number of cores");
+        assert_eq!(config.notify_body_limit, 16 << 10);
+        let err = Config::load(
+            None,
+            &env(&[
+                (ENV_LISTEN, "127.0.0.1:7000"),
+                (ENV_INTERNAL_LISTEN, "127.0.0.1:7000"),
+                (ENV_REDIS_CA_FILE, "/nonexistent/ca.pem"),
+                (
+                    ENV_DATABASE_URL,
+                    "postgres://u:hunter2@h/db?sslmode=sometimes",
+                ),
+                (ENV_NOTIFY_BODY_LIMIT, "10"),
+                (ENV_HASH_CONCURRENCY, "0"),
+            ]),
+            Layer::default(),
+        )
+        .expect_err("invalid");
+        for name in [
+            "internal_listen",
+            "redis_ca_file",
+            "database_url",
+            "notify_body_limit_bytes",
+            "hash_concurrency",
+        ] {
+            assert_eq!(
+                err.0.iter().filter(|l| l.starts_with(name)).count(),
+                1,
+                "{name} in {:?}",
+                err.0
+            );
+        }
+        assert!(!err.0.iter().any(|l| l.contains("hunter2")), "{:?}", err.0);
+    }
+
+    #[test]
     fn debug_output_redacts_secrets() {
         let config = Config::load(
             None,

@@ -390,6 +390,30 @@ mod tests {
     }
 
     #[test]
+    fn internal_url_and_redis_ca_file() {
+        let config =
+            Config::load(None, &env(&[(ENV_ROUTES, "r.yaml")]), Layer::default()).expect("valid");
+        assert_eq!(config.control_plane_internal_url, "http://127.0.0.1:9002");
+        let err = Config::load(
+            None,
+            &env(&[
+                (ENV_ROUTES, "r.yaml"),
+                (ENV_CONTROL_PLANE_INTERNAL_URL, "nope"),
+                (ENV_REDIS_CA_FILE, "/nonexistent/ca.pem"),
+            ]),
+            Layer::default(),
+        )
+        .expect_err("invalid");
+        assert_eq!(err.0.len(), 2, "{:?}", err.0);
+        assert!(
+            err.0[0].starts_with("control_plane_internal_url:"),
+            "{:?}",
+            err.0
+        );
+        assert!(err.0[1].starts_with("redis_ca_file:"), "{:?}", err.0);
+    }
+
+    #[test]
     fn trusted_jwks_list_from_env() {
         let config = Config::load(
             None,
