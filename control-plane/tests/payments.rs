@@ -657,6 +657,18 @@ async fn wechat_notifications_verify_signature_time_and_ciphertext() {
         .expect("png");
     assert_eq!(png.headers()["content-type"], "image/png");
     assert_eq!(&png.bytes().await.expect("bytes")[..4], b"\x89PNG");
+
+    // Another user sees neither the order nor its QR codes.
+    let (_, other, _) = h.api.register("nosy@example.com", PW).await;
+    for path in [
+        format!("/v1/orders/{order}"),
+        format!("/v1/orders/{order}/qr.svg"),
+        format!("/v1/orders/{order}/qr.png"),
+    ] {
+        let r = h.api.get(&path, Cred::Bearer(&other)).await;
+        assert_eq!(r.status, 404, "{path}: {:?}", r.body);
+        assert_eq!(r.body["error"]["code"], "not_found", "{path}");
+    }
 }
 
 #[test]
