@@ -227,6 +227,25 @@ pg_bindir() {
     fi
 }
 
+# ensure_tls_test_servers: redis-server and PostgreSQL's server programs, which the TLS test
+# (control-plane/tests/tls.rs) starts privately, TLS only, with a throwaway CA. Installs what is
+# missing, and tells the test where they are and that it must not skip
+# (TOLLGATE_TEST_PG_BINDIR, TOLLGATE_TEST_REQUIRE_TLS=1).
+ensure_tls_test_servers() {
+    local dir
+    command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+    dir=$(pg_bindir)
+    if [[ -z "$dir" ]] && command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
+        dir=$(dirname "$(command -v initdb)")
+    fi
+    if [[ -z "$dir" ]]; then
+        apt_install postgresql
+        dir=$(pg_bindir)
+    fi
+    [[ -n "$dir" ]] || die "PostgreSQL's initdb not found after installing postgresql"
+    export TOLLGATE_TEST_PG_BINDIR=$dir TOLLGATE_TEST_REQUIRE_TLS=1
+}
+
 # PostgreSQL refuses to run as root; as root we run its programs as the postgres user.
 pg_run() {
     if [[ $EUID -eq 0 ]]; then

@@ -205,6 +205,12 @@ impl Keys {
         format!("{}:{{login}}:a:{email_hash_hex}", self.prefix)
     }
 
+    /// Failed logins of one account (by a hash of its normalised email) from one client: what
+    /// login throttling counts, so that an attack from elsewhere never locks the owner out.
+    pub fn login_failures_pair(&self, email_hash_hex: &str, client: &str) -> String {
+        format!("{}:{{login}}:ac:{email_hash_hex}:{client}", self.prefix)
+    }
+
     /// Failed-login counter of one client address.
     pub fn login_failures_client(&self, client: &str) -> String {
         format!("{}:{{login}}:c:{client}", self.prefix)
@@ -358,6 +364,10 @@ mod tests {
         let keys = Keys::new("tg");
         assert_eq!(
             hash_tag(&keys.login_failures_account("ab")),
+            hash_tag(&keys.login_failures_client("127.0.0.1"))
+        );
+        assert_eq!(
+            hash_tag(&keys.login_failures_pair("ab", "127.0.0.1")),
             hash_tag(&keys.login_failures_client("127.0.0.1"))
         );
     }

@@ -9,4 +9,5 @@ pub mod error;
 pub mod keys;
 pub mod request_id;
 pub mod telemetry;
+pub mod tls;
 pub mod window;

@@ -8,6 +8,15 @@ use serde::Deserialize;
 use tollgate_common::config::{ConfigError, Env, LogFormat, Millis, Problems, Secret};
 
 pub const ENV_LISTEN: &str = "TOLLGATE_LISTEN";
+pub const ENV_INTERNAL_LISTEN: &str = "TOLLGATE_INTERNAL_LISTEN";
+pub const ENV_DATABASE_CA_FILE: &str = "TOLLGATE_DATABASE_CA_FILE";
+pub const ENV_REDIS_CA_FILE: &str = "TOLLGATE_REDIS_CA_FILE";
+pub const ENV_NOTIFY_BODY_LIMIT: &str = "TOLLGATE_NOTIFY_BODY_LIMIT_BYTES";
+pub const ENV_NOTIFY_REJECTED_PER_MINUTE: &str = "TOLLGATE_NOTIFY_REJECTED_PER_MINUTE";
+pub const ENV_HASH_QUEUE: &str = "TOLLGATE_HASH_QUEUE";
+pub const ENV_LOGIN_BASE_DELAY: &str = "TOLLGATE_LOGIN_BASE_DELAY";
+pub const ENV_LOGIN_MAX_DELAY: &str = "TOLLGATE_LOGIN_MAX_DELAY";
+pub const ENV_LOGIN_WINDOW: &str = "TOLLGATE_LOGIN_WINDOW";
 pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
 pub const ENV_REDIS_URL: &str = "REDIS_URL";
 pub const ENV_REDIS_PREFIX: &str = "TOLLGATE_REDIS_PREFIX";
@@ -33,7 +42,6 @@ pub const ENV_ACCESS_TTL: &str = "TOLLGATE_ACCESS_TOKEN_TTL";
 pub const ENV_REFRESH_TTL: &str = "TOLLGATE_REFRESH_TOKEN_TTL";
 pub const ENV_LOGIN_MAX_FAILURES_ACCOUNT: &str = "TOLLGATE_LOGIN_MAX_FAILURES_ACCOUNT";
 pub const ENV_LOGIN_MAX_FAILURES_CLIENT: &str = "TOLLGATE_LOGIN_MAX_FAILURES_CLIENT";
-pub const ENV_LOGIN_LOCKOUT: &str = "TOLLGATE_LOGIN_LOCKOUT";
 pub const ENV_HASH_CONCURRENCY: &str = "TOLLGATE_HASH_CONCURRENCY";
 pub const ENV_TRUST_FORWARDED_FOR: &str = "TOLLGATE_TRUST_FORWARDED_FOR";
 pub const ENV_ALIPAY_GATEWAY_URL: &str = "TOLLGATE_ALIPAY_GATEWAY_URL";
@@ -58,8 +66,16 @@ pub const ENV_USAGE_MINUTE_RETENTION: &str = "TOLLGATE_USAGE_MINUTE_RETENTION";
 pub struct Config {
     /// Address of the REST listener.
     pub listen: SocketAddr,
+    /// Address of the listener for the sidecars' calls (`/internal/`); never the public one.
+    pub internal_listen: SocketAddr,
     pub database_url: Secret,
     pub redis_url: Secret,
+    /// PEM file of the CA(s) that sign PostgreSQL's certificate (`sslmode=verify-ca|verify-full`);
+    /// `sslrootcert` in the URL does the same.
+    pub database_ca_file: Option<PathBuf>,
+    /// PEM file of the CA(s) that sign Redis's certificate (`rediss://`); default: the public
+    /// web roots.
+    pub redis_ca_file: Option<PathBuf>,
     /// Prepended to every Redis key, so several deployments (or tests) can share one Redis.
     pub redis_prefix: String,
     /// The URL users and gateways reach this service at (links, notify URLs).
@@ -68,6 +84,11 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// Largest request body accepted, in bytes.
     pub body_limit: usize,
+    /// Largest payment notification accepted, in bytes (real ones are a few KB).
+    pub notify_body_limit: usize,
+    /// Rejected notifications recorded (as a bounded digest) per minute and channel, per replica;
+    /// past it they are only counted and logged.
+    pub notify_rejected_per_minute: u32,
     pub db_pool_size: usize,
     pub log_format: LogFormat,
     /// A tracing `EnvFilter` directive, e.g. `info,tollgate_control_plane=debug`.
@@ -80,6 +101,8 @@ pub struct Config {
     pub login: LoginConfig,
     /// Password hashes computed at once; each takes 19 MiB and a core for tens of milliseconds.
     pub hash_concurrency: usize,
+    /// Password checks that may wait for a hashing slot; past it `503 busy` with `Retry-After`.
+    pub hash_queue: usize,
     /// Take the client address for login throttling from the last `X-Forwarded-For` hop (set
     /// this only behind a proxy that writes it).
     pub trust_forwarded_for: bool,
@@ -149,11 +172,16 @@ pub struct JwtConfig {
 
 #[derive(Debug, Clone)]
 pub struct LoginConfig {
-    /// Failed logins for one account before it is locked for `lockout`.
+    /// Failed logins for one account from one client before that pair has to wait.
     pub max_failures_account: u32,
-    /// Failed logins from one client address before it is locked for `lockout`.
+    /// Failed logins from one client (any accounts) before that client has to wait.
     pub max_failures_client: u32,
-    pub lockout: Millis,
+    /// The first wait; it doubles with every further failure.
+    pub base_delay: Millis,
+    /// The longest wait.
+    pub max_delay: Millis,
+    /// Failures are forgotten this long after the last one.
+    pub window: Millis,
 }
 
 /// One source of settings; every field optional, later layers win.
@@ -161,12 +189,17 @@ pub struct LoginConfig {
 #[serde(deny_unknown_fields)]
 pub struct Layer {
     pub listen: Option<String>,
+    pub internal_listen: Option<String>,
     pub database_url: Option<Secret>,
     pub redis_url: Option<Secret>,
+    pub database_ca_file: Option<PathBuf>,
+    pub redis_ca_file: Option<PathBuf>,
     pub redis_prefix: Option<String>,
     pub public_url: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub body_limit_bytes: Option<usize>,
+    pub notify_body_limit_bytes: Option<usize>,
+    pub notify_rejected_per_minute: Option<u32>,
     pub db_pool_size: Option<usize>,
     pub log_format: Option<LogFormat>,
     pub log: Option<String>,
@@ -186,8 +219,11 @@ pub struct Layer {
     pub refresh_token_ttl: Option<Millis>,
     pub login_max_failures_account: Option<u32>,
     pub login_max_failures_client: Option<u32>,
-    pub login_lockout: Option<Millis>,
+    pub login_base_delay: Option<Millis>,
+    pub login_max_delay: Option<Millis>,
+    pub login_window: Option<Millis>,
     pub hash_concurrency: Option<usize>,
+    pub hash_queue: Option<usize>,
     pub trust_forwarded_for: Option<bool>,
     pub alipay_gateway_url: Option<String>,
     pub alipay_app_id: Option<String>,
@@ -212,12 +248,17 @@ impl Layer {
     fn from_env(env: &dyn Env, problems: &mut Problems) -> Layer {
         Layer {
             listen: env.var(ENV_LISTEN),
+            internal_listen: env.var(ENV_INTERNAL_LISTEN),
             database_url: env.var(ENV_DATABASE_URL).map(Secret::new),
             redis_url: env.var(ENV_REDIS_URL).map(Secret::new),
+            database_ca_file: env.var(ENV_DATABASE_CA_FILE).map(PathBuf::from),
+            redis_ca_file: env.var(ENV_REDIS_CA_FILE).map(PathBuf::from),
             redis_prefix: env.var(ENV_REDIS_PREFIX),
             public_url: env.var(ENV_PUBLIC_URL),
             data_dir: env.var(ENV_DATA_DIR).map(PathBuf::from),
             body_limit_bytes: problems.env(env, ENV_BODY_LIMIT),
+            notify_body_limit_bytes: problems.env(env, ENV_NOTIFY_BODY_LIMIT),
+            notify_rejected_per_minute: problems.env(env, ENV_NOTIFY_REJECTED_PER_MINUTE),
             db_pool_size: problems.env(env, ENV_DB_POOL_SIZE),
             log_format: problems.env(env, ENV_LOG_FORMAT),
             log: env.var(ENV_LOG),
@@ -237,8 +278,11 @@ impl Layer {
             refresh_token_ttl: problems.env(env, ENV_REFRESH_TTL),
             login_max_failures_account: problems.env(env, ENV_LOGIN_MAX_FAILURES_ACCOUNT),
             login_max_failures_client: problems.env(env, ENV_LOGIN_MAX_FAILURES_CLIENT),
-            login_lockout: problems.env(env, ENV_LOGIN_LOCKOUT),
+            login_base_delay: problems.env(env, ENV_LOGIN_BASE_DELAY),
+            login_max_delay: problems.env(env, ENV_LOGIN_MAX_DELAY),
+            login_window: problems.env(env, ENV_LOGIN_WINDOW),
             hash_concurrency: problems.env(env, ENV_HASH_CONCURRENCY),
+            hash_queue: problems.env(env, ENV_HASH_QUEUE),
             trust_forwarded_for: problems.env(env, ENV_TRUST_FORWARDED_FOR),
             alipay_gateway_url: env.var(ENV_ALIPAY_GATEWAY_URL),
             alipay_app_id: env.var(ENV_ALIPAY_APP_ID),
@@ -270,12 +314,21 @@ impl Layer {
     fn overlay(self, other: Layer) -> Layer {
         Layer {
             listen: other.listen.or(self.listen),
+            internal_listen: other.internal_listen.or(self.internal_listen),
             database_url: other.database_url.or(self.database_url),
             redis_url: other.redis_url.or(self.redis_url),
+            database_ca_file: other.database_ca_file.or(self.database_ca_file),
+            redis_ca_file: other.redis_ca_file.or(self.redis_ca_file),
             redis_prefix: other.redis_prefix.or(self.redis_prefix),
             public_url: other.public_url.or(self.public_url),
             data_dir: other.data_dir.or(self.data_dir),
             body_limit_bytes: other.body_limit_bytes.or(self.body_limit_bytes),
+            notify_body_limit_bytes: other
+                .notify_body_limit_bytes
+                .or(self.notify_body_limit_bytes),
+            notify_rejected_per_minute: other
+                .notify_rejected_per_minute
+                .or(self.notify_rejected_per_minute),
             db_pool_size: other.db_pool_size.or(self.db_pool_size),
             log_format: other.log_format.or(self.log_format),
             log: other.log.or(self.log),
@@ -299,8 +352,11 @@ impl Layer {
             login_max_failures_client: other
                 .login_max_failures_client
                 .or(self.login_max_failures_client),
-            login_lockout: other.login_lockout.or(self.login_lockout),
+            login_base_delay: other.login_base_delay.or(self.login_base_delay),
+            login_max_delay: other.login_max_delay.or(self.login_max_delay),
+            login_window: other.login_window.or(self.login_window),
             hash_concurrency: other.hash_concurrency.or(self.hash_concurrency),
+            hash_queue: other.hash_queue.or(self.hash_queue),
             trust_forwarded_for: other.trust_forwarded_for.or(self.trust_forwarded_for),
             alipay_gateway_url: other.alipay_gateway_url.or(self.alipay_gateway_url),
             alipay_app_id: other.alipay_app_id.or(self.alipay_app_id),
@@ -354,12 +410,36 @@ impl Config {
             problems.push("listen", format_args!("{listen:?} is not an address: {e}"));
             SocketAddr::from(([127, 0, 0, 1], 9001))
         });
+        let internal_listen = layer.internal_listen.as_deref().unwrap_or("127.0.0.1:9002");
+        let internal_listen = internal_listen.parse().unwrap_or_else(|e| {
+            problems.push(
+                "internal_listen",
+                format_args!("{internal_listen:?} is not an address: {e}"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 9002))
+        });
+        if internal_listen == listen && listen.port() != 0 {
+            problems.push(
+                "internal_listen",
+                "must differ from listen: /internal/ is never on the public listener",
+            );
+        }
         let database_url = layer
             .database_url
             .unwrap_or_else(|| Secret::new("postgres://postgres@127.0.0.1:5432/tollgate"));
-        if let Err(e) = database_url.expose().parse::<tokio_postgres::Config>() {
+        if let Err(e) = crate::db::tls::DbTarget::parse(database_url.expose()) {
             // The parser's message never repeats the URL, so no password can leak here.
             problems.push("database_url", format_args!("not a PostgreSQL URL: {e}"));
+        }
+        for (setting, file) in [
+            ("database_ca_file", &layer.database_ca_file),
+            ("redis_ca_file", &layer.redis_ca_file),
+        ] {
+            if let Some(path) = file
+                && let Err(e) = crate::db::tls::read_roots(path)
+            {
+                problems.push(setting, e);
+            }
         }
         let redis_url = layer
             .redis_url
@@ -389,6 +469,14 @@ impl Config {
                 format_args!("{body_limit} is outside 1024..=67108864"),
             );
         }
+        let notify_body_limit = layer.notify_body_limit_bytes.unwrap_or(16 << 10);
+        if !(1024..=1 << 20).contains(&notify_body_limit) {
+            problems.push(
+                "notify_body_limit_bytes",
+                format_args!("{notify_body_limit} is outside 1024..=1048576"),
+            );
+        }
+        let notify_rejected_per_minute = layer.notify_rejected_per_minute.unwrap_or(60);
         let db_pool_size = layer.db_pool_size.unwrap_or(16);
         if !(1..=512).contains(&db_pool_size) {
             problems.push(
@@ -425,21 +513,32 @@ impl Config {
         let login = LoginConfig {
             max_failures_account: layer.login_max_failures_account.unwrap_or(5),
             max_failures_client: layer.login_max_failures_client.unwrap_or(20),
-            lockout: layer.login_lockout.unwrap_or(Millis(15 * 60_000)),
+            base_delay: layer.login_base_delay.unwrap_or(Millis(1_000)),
+            max_delay: layer.login_max_delay.unwrap_or(Millis(5 * 60_000)),
+            window: layer.login_window.unwrap_or(Millis(15 * 60_000)),
         };
         if login.max_failures_account == 0 || login.max_failures_client == 0 {
             problems.push("login_max_failures", "must be at least 1");
         }
-        if login.lockout.0 < 1_000 {
-            problems.push("login_lockout", "must be at least 1s");
+        if login.base_delay.0 < 100 || login.base_delay.0 > login.max_delay.0 {
+            problems.push(
+                "login_base_delay",
+                "must be at least 100ms and at most login_max_delay",
+            );
         }
-        let hash_concurrency = layer.hash_concurrency.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
-        });
-        if !(1..=256).contains(&hash_concurrency) {
+        if login.max_delay.0 > 3_600_000 {
+            problems.push("login_max_delay", "must be at most 1h");
+        }
+        if login.window.0 < 1_000 {
+            problems.push("login_window", "must be at least 1s");
+        }
+        // Fixed, not the number of cores: memory is 19 MiB per hash in flight, and a pod's
+        // memory limit does not grow with the node's cores.
+        let hash_concurrency = layer.hash_concurrency.unwrap_or(2);
+        if !(1..=64).contains(&hash_concurrency) {
             problems.push(
                 "hash_concurrency",
-                format_args!("{hash_concurrency} is outside 1..=256"),
+                format_args!("{hash_concurrency} is outside 1..=64"),
             );
         }
         let limits = ListenerLimits {
@@ -465,6 +564,10 @@ impl Config {
             if value.0 == 0 {
                 problems.push(setting, "must be greater than zero");
             }
+        }
+        let hash_queue = layer.hash_queue.unwrap_or(64);
+        if hash_queue > 10_000 {
+            problems.push("hash_queue", format_args!("{hash_queue} is above 10000"));
         }
         let jwt = JwtConfig {
             keys_dir: layer.jwt_keys_dir,
@@ -575,14 +678,20 @@ impl Config {
             jwt,
             login,
             hash_concurrency,
+            hash_queue,
             trust_forwarded_for: layer.trust_forwarded_for.unwrap_or(false),
             listen,
+            internal_listen,
             database_url,
             redis_url,
+            database_ca_file: layer.database_ca_file,
+            redis_ca_file: layer.redis_ca_file,
             redis_prefix,
             public_url,
             data_dir: layer.data_dir,
             body_limit,
+            notify_body_limit,
+            notify_rejected_per_minute,
             db_pool_size,
             log_format: layer.log_format.unwrap_or(LogFormat::Json),
             log_filter,
@@ -656,6 +765,45 @@ mod tests {
             );
         }
         assert!(!lines.iter().any(|l| l.contains("hunter2")), "{lines:?}");
+    }
+
+    #[test]
+    fn internal_listener_tls_and_limits_are_checked() {
+        let config = Config::load(None, &env(&[]), Layer::default()).expect("valid");
+        assert_eq!(config.internal_listen.to_string(), "127.0.0.1:9002");
+        assert_eq!(config.hash_concurrency, 2, "fixed, not the number of cores");
+        assert_eq!(config.notify_body_limit, 16 << 10);
+        let err = Config::load(
+            None,
+            &env(&[
+                (ENV_LISTEN, "127.0.0.1:7000"),
+                (ENV_INTERNAL_LISTEN, "127.0.0.1:7000"),
+                (ENV_REDIS_CA_FILE, "/nonexistent/ca.pem"),
+                (
+                    ENV_DATABASE_URL,
+                    "postgres://u:hunter2@h/db?sslmode=sometimes",
+                ),
+                (ENV_NOTIFY_BODY_LIMIT, "10"),
+                (ENV_HASH_CONCURRENCY, "0"),
+            ]),
+            Layer::default(),
+        )
+        .expect_err("invalid");
+        for name in [
+            "internal_listen",
+            "redis_ca_file",
+            "database_url",
+            "notify_body_limit_bytes",
+            "hash_concurrency",
+        ] {
+            assert_eq!(
+                err.0.iter().filter(|l| l.starts_with(name)).count(),
+                1,
+                "{name} in {:?}",
+                err.0
+            );
+        }
+        assert!(!err.0.iter().any(|l| l.contains("hunter2")), "{:?}", err.0);
     }
 
     #[test]

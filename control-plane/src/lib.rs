@@ -31,6 +31,11 @@ pub enum RunError {
     Redis(#[from] fred::error::Error),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot listen on {addr} (internal_listen): {source}")]
+    InternalListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Keys(#[from] auth::signing::KeyError),
     #[error(transparent)]
@@ -86,15 +91,34 @@ pub async fn serve_router(
     tollgate_serve::serve(listener, name, limits, metrics, handler, shutdown).await
 }
 
-/// Serves the REST API on `listener` until `shutdown` completes, then lets in-flight requests
-/// finish for up to `shutdown_grace`.
+/// Serves the REST API on `listener` and the sidecars' `/internal/` calls on
+/// `internal_listen` until `shutdown` completes, then lets in-flight requests finish for up to
+/// `shutdown_grace`.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let db = db::pool(config.database_url.expose(), config.db_pool_size)?;
-    let redis = redis::client(config.redis_url.expose())?;
+    let addr = config.internal_listen;
+    let internal = TcpListener::bind(addr)
+        .await
+        .map_err(|source| RunError::InternalListen { addr, source })?;
+    run_with_internal(config, listener, internal, shutdown).await
+}
+
+/// [`run`] with the internal listener already bound (tests bind both on port 0).
+pub async fn run_with_internal(
+    config: Config,
+    listener: TcpListener,
+    internal: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let db = db::pool(
+        config.database_url.expose(),
+        config.db_pool_size,
+        config.database_ca_file.as_deref(),
+    )?;
+    let redis = redis::client_with_ca(config.redis_url.expose(), config.redis_ca_file.as_deref())?;
     // Connects in the background and keeps reconnecting; readiness reports the state.
     let _connection = redis.connect();
     if tokio::time::timeout(std::time::Duration::from_secs(2), redis.wait_for_connect())
@@ -142,7 +166,7 @@ pub async fn run(
             .run_reconciler(std::time::Duration::from_secs(30)),
     );
     let state = AppState {
-        hasher: auth::Hasher::new(config.hash_concurrency)?,
+        hasher: auth::Hasher::new(config.hash_concurrency, config.hash_queue)?,
         throttle: auth::throttle::Throttle::new(keys, config.login.clone()),
         config: Arc::new(config),
         db,
@@ -158,14 +182,37 @@ pub async fn run(
         tollgate_serve::fds::fit_connections("api", &mut limits, reserve, nofile);
     }
     let metrics = state.metrics.serve.listener("api");
+    let internal_metrics = state.metrics.serve.listener("internal");
+    let internal_app = http::internal_router(state.clone());
     let app = http::router(state);
-    tracing::info!(addr = %listener.local_addr()?, "control plane listening");
-    let stopped = serve_router(listener, "api", limits, metrics, app, shutdown).await;
+    tracing::info!(addr = %listener.local_addr()?, internal = %internal.local_addr()?, "control plane listening");
+    // One shutdown for both listeners: the public one's signal stops the internal one too.
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let internal_limits = limits.clone();
+    let internal_server = tokio::spawn(async move {
+        serve_router(
+            internal,
+            "internal",
+            internal_limits,
+            internal_metrics,
+            internal_app,
+            async move {
+                let _ = stopping_rx.wait_for(|stopping| *stopping).await;
+            },
+        )
+        .await
+    });
+    let stopped = serve_router(listener, "api", limits, metrics, app, async move {
+        shutdown.await;
+        let _ = stopping_tx.send(true);
+    })
+    .await;
     tracing::info!(cut = stopped.cut, "stopped");
     for worker in workers {
         worker.abort();
     }
     reconciler.abort();
+    internal_server.abort();
     let _ = redis.quit().await;
     Ok(())
 }

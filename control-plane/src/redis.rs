@@ -8,7 +8,25 @@ use fred::prelude::*;
 pub type RedisClient = fred::clients::Client;
 
 pub fn client(url: &str) -> Result<RedisClient, Error> {
-    let config = Config::from_url(url)?;
+    client_with_ca(url, None)
+}
+
+/// The Redis client; a `rediss://` URL connects over TLS, trusting the CAs of `ca_file` (default:
+/// the public web roots) and checking the host name.
+pub fn client_with_ca(url: &str, ca_file: Option<&std::path::Path>) -> Result<RedisClient, Error> {
+    tollgate_common::tls::install_provider();
+    let mut config = Config::from_url(url)?;
+    if config.uses_tls() {
+        let roots = match ca_file {
+            Some(path) => {
+                Some(crate::db::tls::read_roots(path).map_err(|e| Error::new(ErrorKind::Tls, e))?)
+            }
+            None => None,
+        };
+        let tls = tollgate_common::tls::client_config(roots, tollgate_common::tls::Verify::Full)
+            .map_err(|e| Error::new(ErrorKind::Tls, e))?;
+        config.tls = Some(fred::types::config::TlsConnector::from(tls).into());
+    }
     let client = Builder::from_config(config)
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);

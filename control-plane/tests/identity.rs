@@ -147,54 +147,122 @@ async fn register_login_me_and_input_errors() {
     assert_error(&anonymous, 401, "unauthorized");
 }
 
+/// Logs in from the client address `from` (the control plane trusts X-Forwarded-For here).
+async fn login_from(api: &Api, from: &str, email: &str, password: &str) -> support::Reply {
+    let response = api
+        .http
+        .post(format!("{}/v1/auth/login", api.base))
+        .header("x-forwarded-for", from)
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .expect("send");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.json().await.unwrap_or(Value::Null);
+    support::Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn retry_after(reply: &support::Reply) -> u64 {
+    assert_error(reply, 429, "too_many_attempts");
+    let seconds: u64 = reply.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert_eq!(reply.body["error"]["details"]["retry_after"], seconds);
+    assert!(
+        reply.body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(&format!("{seconds} s"))),
+        "the wait is stated: {:?}",
+        reply.body
+    );
+    seconds
+}
+
 #[tokio::test]
-async fn repeated_failures_are_throttled_across_the_account() {
+async fn login_throttling_slows_the_guesser_and_never_locks_out_another_client() {
     let db = TestDb::migrated().await;
     let server = serve(config_with(
         &db,
         &[
             ("TOLLGATE_LOGIN_MAX_FAILURES_ACCOUNT", "3"),
-            ("TOLLGATE_LOGIN_LOCKOUT", "60s"),
+            ("TOLLGATE_LOGIN_MAX_FAILURES_CLIENT", "8"),
+            ("TOLLGATE_LOGIN_BASE_DELAY", "1s"),
+            ("TOLLGATE_LOGIN_MAX_DELAY", "4s"),
+            ("TOLLGATE_TRUST_FORWARDED_FOR", "true"),
         ],
     ))
     .await;
     let api = Api::new(&server.base);
-    api.register("locked@example.com", PW).await;
+    api.register("victim@example.com", PW).await;
+    api.register("bystander@example.com", PW).await;
+    let (attacker, owner, neighbour) = ("203.0.113.66", "198.51.100.7", "2001:db8:5:6::1");
+
+    // The attacker's three wrong guesses: 401 each; then that pair waits, even with the right
+    // password (no oracle), for a short time that the answer states.
     for _ in 0..3 {
-        let reply = api
-            .post(
-                "/v1/auth/login",
-                Cred::None,
-                json!({"email": "locked@example.com", "password": "bad guess!"}),
-            )
-            .await;
-        assert_error(&reply, 401, "invalid_credentials");
+        let r = login_from(&api, attacker, "victim@example.com", "bad guess!").await;
+        assert_error(&r, 401, "invalid_credentials");
     }
-    // Now even the right password is refused until the lockout ends.
-    let reply = api
-        .post(
-            "/v1/auth/login",
-            Cred::None,
-            json!({"email": "Locked@Example.com", "password": PW}),
+    let first = retry_after(&login_from(&api, attacker, "Victim@Example.com", PW).await);
+    assert!((1..=1).contains(&first), "{first}");
+
+    // The owner, from their own client, is not affected by the attack on their account.
+    let r = login_from(&api, owner, "victim@example.com", PW).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // Nor is another account from the attacker's client (its own budget is not spent).
+    let r = login_from(&api, attacker, "bystander@example.com", PW).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    // Waits grow with every further failure, up to the cap.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let r = login_from(&api, attacker, "victim@example.com", "bad guess!").await;
+    assert_error(&r, 401, "invalid_credentials");
+    let second = retry_after(&login_from(&api, attacker, "victim@example.com", PW).await);
+    assert_eq!(second, 2, "the wait doubled");
+
+    // Spraying other accounts from the same client: past 8 failures the client waits for any
+    // account — and every other client still logs in.
+    for i in 0..4 {
+        let r = login_from(
+            &api,
+            attacker,
+            &format!("nobody{i}@example.com"),
+            "bad guess!",
         )
         .await;
-    assert_error(&reply, 429, "too_many_attempts");
-    let retry: u64 = reply.headers["retry-after"]
-        .to_str()
-        .expect("ascii")
-        .parse()
-        .expect("seconds");
-    assert!((1..=60).contains(&retry), "{retry}");
-    // Another account from the same client is not locked by this one.
-    api.register("other@example.com", PW).await;
-    let other = api
-        .post(
-            "/v1/auth/login",
-            Cred::None,
-            json!({"email": "other@example.com", "password": PW}),
+        assert_error(&r, 401, "invalid_credentials");
+    }
+    retry_after(&login_from(&api, attacker, "bystander@example.com", PW).await);
+    for (client, email) in [
+        (owner, "victim@example.com"),
+        (owner, "bystander@example.com"),
+        (neighbour, "bystander@example.com"),
+    ] {
+        let r = login_from(&api, client, email, PW).await;
+        assert_eq!(r.status, 200, "{client} {email}: {:?}", r.body);
+    }
+
+    // Failures from one client never make another wait, whatever the pattern: 30 more from a
+    // botnet of addresses against the victim, then the owner logs in at once.
+    for i in 0..30 {
+        let r = login_from(
+            &api,
+            &format!("192.0.2.{i}"),
+            "victim@example.com",
+            "bad guess!",
         )
         .await;
-    assert_eq!(other.status, 200);
+        assert!(matches!(r.status, 401 | 429), "{:?}", r.body);
+    }
+    let r = login_from(&api, owner, "victim@example.com", PW).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
 }
 
 #[tokio::test]
@@ -287,6 +355,14 @@ async fn forged_and_invalid_tokens_are_refused() {
     // The genuine key signs a valid token: the forgeries below fail for their flaw alone.
     let valid = sign(&claims(json!({})), Algorithm::EdDSA, &real, Some(TEST_KID));
     assert_eq!(api.get("/v1/me", Cred::Bearer(&valid)).await.status, 200);
+    // A clock a few seconds ahead is within the leeway.
+    let skewed = sign(
+        &claims(json!({"iat": now + 10})),
+        Algorithm::EdDSA,
+        &real,
+        Some(TEST_KID),
+    );
+    assert_eq!(api.get("/v1/me", Cred::Bearer(&skewed)).await.status, 200);
 
     let jwks = api.get("/.well-known/jwks.json", Cred::None).await;
     assert_eq!(jwks.status, 200);
@@ -381,6 +457,24 @@ async fn forged_and_invalid_tokens_are_refused() {
                 &claims(json!({})),
                 Algorithm::EdDSA,
                 &other_key,
+                Some(TEST_KID),
+            ),
+        ),
+        (
+            "issued a year in the future",
+            sign(
+                &claims(json!({"iat": now + 365 * 86_400})),
+                Algorithm::EdDSA,
+                &real,
+                Some(TEST_KID),
+            ),
+        ),
+        (
+            "issued beyond the leeway",
+            sign(
+                &claims(json!({"iat": now + 120})),
+                Algorithm::EdDSA,
+                &real,
                 Some(TEST_KID),
             ),
         ),
@@ -757,7 +851,7 @@ async fn reconcile_rebuilds_what_the_sidecars_read() {
     let stale = keys.api_key(&"0".repeat(64));
     let _: () = redis.hset(&stale, ("uid", "nobody")).await.expect("plant");
 
-    let pool = tollgate_control_plane::db::pool(&db.url, 2).expect("pool");
+    let pool = tollgate_control_plane::db::pool(&db.url, 2, None).expect("pool");
     let redis_client = tollgate_control_plane::redis::client(&support::redis_url()).expect("cfg");
     use fred::interfaces::ClientLike;
     redis_client.init().await.expect("connect");

@@ -33,7 +33,11 @@ impl Drop for Killed {
     }
 }
 
-fn spawn_control_plane(config: &tollgate_control_plane::config::Config, port: u16) -> Killed {
+fn spawn_control_plane(
+    config: &tollgate_control_plane::config::Config,
+    port: u16,
+    internal_port: u16,
+) -> Killed {
     Killed(
         Command::new(BIN)
             .arg("serve")
@@ -41,6 +45,10 @@ fn spawn_control_plane(config: &tollgate_control_plane::config::Config, port: u1
             .env("REDIS_URL", config.redis_url.expose())
             .env("TOLLGATE_REDIS_PREFIX", &config.redis_prefix)
             .env("TOLLGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "TOLLGATE_INTERNAL_LISTEN",
+                format!("127.0.0.1:{internal_port}"),
+            )
             .env("TOLLGATE_JWT_PRIVATE_KEY", support::test_pem())
             .env("TOLLGATE_JWT_KID", support::TEST_KID)
             .env("TOLLGATE_LOG_FORMAT", "text")
@@ -99,7 +107,9 @@ async fn killing_the_control_plane_mid_stream_loses_and_doubles_nothing() {
     let config = config(&db);
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut cp = spawn_control_plane(&config, port);
+    let internal_port = free_port();
+    let internal = format!("http://127.0.0.1:{internal_port}");
+    let mut cp = spawn_control_plane(&config, port, internal_port);
     wait_ready(&base).await;
     let api = Api::new(&base);
     let (user, token, _) = api.register("heavy@example.com", PW).await;
@@ -119,8 +129,8 @@ async fn killing_the_control_plane_mid_stream_loses_and_doubles_nothing() {
         .replace("rate: 100\n", "rate: 100000\n")
         .replace("burst: 200", "burst: 100000");
     assert_ne!(routes, IDOCTOR_ROUTES);
-    let a = sidecar(&config, &base, &app, &routes).await;
-    let b = sidecar(&config, &base, &app, &routes).await;
+    let a = sidecar(&config, &base, &internal, &app, &routes).await;
+    let b = sidecar(&config, &base, &internal, &app, &routes).await;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()
@@ -154,7 +164,7 @@ async fn killing_the_control_plane_mid_stream_loses_and_doubles_nothing() {
         if round == 0 {
             cp.0.kill().expect("SIGKILL");
             cp.0.wait().expect("reaped");
-            cp = spawn_control_plane(&config, port);
+            cp = spawn_control_plane(&config, port, internal_port);
             wait_ready(&base).await;
         }
     }
@@ -203,7 +213,7 @@ async fn a_drain_that_dies_after_its_commit_and_two_drains_at_once_count_each_bu
     let api = Api::new(&cp.base);
     let (user, token, _) = api.register("twice@example.com", PW).await;
     let app = demo_app().await;
-    let sc = sidecar(&config, &cp.base, &app, IDOCTOR_ROUTES).await;
+    let sc = sidecar(&config, &cp.base, &cp.internal, &app, IDOCTOR_ROUTES).await;
     let http = reqwest::Client::new();
     let call = |i: usize| {
         http.post(format!("{}/process/p{i}/2026-11-25", sc.base))
@@ -216,7 +226,7 @@ async fn a_drain_that_dies_after_its_commit_and_two_drains_at_once_count_each_bu
     let redis_client = support::redis().await;
     let drainer = || {
         tollgate_control_plane::ledger::Drainer::new(
-            tollgate_control_plane::db::pool(config.database_url.expose(), 2).expect("pool"),
+            tollgate_control_plane::db::pool(config.database_url.expose(), 2, None).expect("pool"),
             redis_client.clone(),
             Keys::new(config.redis_prefix.clone()),
             std::sync::Arc::new(tollgate_control_plane::metrics::Metrics::new()),
@@ -286,7 +296,7 @@ async fn losing_redis_is_repaired_by_reconcile_with_counters_from_the_ledger() {
     let api = Api::new(&cp.base);
     let (user, token, _) = api.register("survivor@example.com", PW).await;
     let app = demo_app().await;
-    let sc = sidecar(&config, &cp.base, &app, IDOCTOR_ROUTES).await;
+    let sc = sidecar(&config, &cp.base, &cp.internal, &app, IDOCTOR_ROUTES).await;
     let http = reqwest::Client::new();
     for i in 0..7 {
         let r = http
@@ -361,7 +371,7 @@ async fn losing_redis_is_repaired_by_reconcile_with_counters_from_the_ledger() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A sidecar on the new Redis continues from 7 used, not from zero.
-    let sc2 = sidecar(&moved, &cp2.base, &app, IDOCTOR_ROUTES).await;
+    let sc2 = sidecar(&moved, &cp2.base, &cp2.internal, &app, IDOCTOR_ROUTES).await;
     let r = http
         .post(format!("{}/process/p9/2026-11-25", sc2.base))
         .bearer_auth(&token)

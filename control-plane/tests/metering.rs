@@ -65,7 +65,7 @@ async fn free_plan_grants_upgrade_lapse_and_reset_reach_the_sidecar() {
     let cp = serve(config.clone()).await;
     let api = Api::new(&cp.base);
     let app = demo_app().await;
-    let sc = sidecar(&config, &cp.base, &app, IDOCTOR_ROUTES).await;
+    let sc = sidecar(&config, &cp.base, &cp.internal, &app, IDOCTOR_ROUTES).await;
     let http = reqwest::Client::new();
     let (user_id, token, _) = api.register("free@example.com", PW).await;
     api.register("boss@example.com", PW).await;
@@ -395,7 +395,7 @@ async fn a_new_app_is_metered_without_code_change() {
         (format!("http://{addr}"), ())
     };
     let routes = "app: textgen\ntime_zone: UTC\nroutes:\n  - {method: POST, path: /v1/generate, quota: ai_text_generation, cost: 1}\n";
-    let sc = sidecar(&config, &cp.base, &upstream, routes).await;
+    let sc = sidecar(&config, &cp.base, &cp.internal, &upstream, routes).await;
     let http = reqwest::Client::new();
     let mut statuses = Vec::new();
     for _ in 0..4 {

@@ -86,6 +86,10 @@ struct Harness {
 }
 
 async fn start() -> Harness {
+    start_with(&[]).await
+}
+
+async fn start_with(extra: &[(&str, &str)]) -> Harness {
     let db = TestDb::migrated().await;
     let (a, b, c, d, e, f) = (
         path("alipay_app_private.pem"),
@@ -115,7 +119,10 @@ async fn start() -> Harness {
             ("TOLLGATE_WECHAT_PLATFORM_SERIAL", "PUB_KEY_ID_0001"),
             ("TOLLGATE_WECHAT_PLATFORM_PUBLIC_KEY_FILE", &d),
             ("TOLLGATE_WECHAT_APIV3_KEY", APIV3),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
     );
     let server = serve(config).await;
     let api = Api::new(&server.base);
@@ -372,7 +379,10 @@ async fn alipay_orders_and_notifications() {
             .await
             .expect("count")
             .get(0);
-    assert_eq!(stored, 27, "every delivery is stored raw, good or bad");
+    assert_eq!(
+        stored, 27,
+        "every delivery is recorded: whole when verified, as a bounded record when not"
+    );
 
     // Another user cannot see the order.
     let (_, other, _) = h.api.register("other@example.com", PW).await;
@@ -647,9 +657,150 @@ async fn wechat_notifications_verify_signature_time_and_ciphertext() {
         .expect("png");
     assert_eq!(png.headers()["content-type"], "image/png");
     assert_eq!(&png.bytes().await.expect("bytes")[..4], b"\x89PNG");
+
+    // Another user sees neither the order nor its QR codes.
+    let (_, other, _) = h.api.register("nosy@example.com", PW).await;
+    for path in [
+        format!("/v1/orders/{order}"),
+        format!("/v1/orders/{order}/qr.svg"),
+        format!("/v1/orders/{order}/qr.png"),
+    ] {
+        let r = h.api.get(&path, Cred::Bearer(&other)).await;
+        assert_eq!(r.status, 404, "{path}: {:?}", r.body);
+        assert_eq!(r.body["error"]["code"], "not_found", "{path}");
+    }
 }
 
 #[test]
 fn keys_exist() {
     assert!(Path::new(&path("alipay_app_private.pem")).exists());
+}
+
+async fn db_size(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one("SELECT pg_database_size(current_database())", &[])
+        .await
+        .expect("size")
+        .get(0)
+}
+
+#[tokio::test]
+async fn unsigned_floods_store_little_and_genuine_notifications_stay_whole() {
+    let h = start().await;
+    let order = h
+        .api
+        .post(
+            "/v1/orders",
+            Cred::Bearer(&h.token),
+            json!({"plan_id": "pro", "channel": "alipay_page"}),
+        )
+        .await
+        .body["id"]
+        .as_str()
+        .expect("order")
+        .to_owned();
+    let before = db_size(&h.db).await;
+
+    // 20 unsigned 1 MB deliveries to each endpoint: refused at the body limit, nothing stored
+    // but a bounded record.
+    let megabyte = "x=".to_owned() + &"y".repeat(1 << 20);
+    // (Past the server's own body limit, 1 MiB, the server answers 413 before any handler, in
+    // the contract's error shape; below it the endpoints answer in their gateway's format.)
+    for _ in 0..20 {
+        let (status, _) = post_alipay(&h.api, megabyte.clone()).await;
+        assert_eq!(status, 413);
+        let (status, _) = post_wechat(&h.api, &megabyte, 1, "n", "s", "PUB_KEY_ID_0001").await;
+        assert_eq!(status, 413);
+    }
+    let half = "x=".to_owned() + &"y".repeat(1 << 19);
+    let (status, text) = post_alipay(&h.api, half.clone()).await;
+    assert_eq!((status, text.as_str()), (413, "failure"));
+    let (status, body) = post_wechat(&h.api, &half, 1, "n", "s", "PUB_KEY_ID_0001").await;
+    assert_eq!(status, 413);
+    assert_eq!(body["code"], "FAIL");
+    // And unsigned ones within the limit (16 KiB): verified first, so only a digest is kept.
+    let forged = format!(
+        "{}&pad={}",
+        alipay_notify_body(
+            &alipay_params(&order, "99.00"),
+            &signer("alipay_app_private.pem"),
+        ),
+        "z".repeat(10_000)
+    );
+    for _ in 0..5 {
+        let (status, text) = post_alipay(&h.api, forged.clone()).await;
+        assert_eq!((status, text.as_str()), (400, "failure"));
+    }
+    let grown = db_size(&h.db).await - before;
+    assert!(
+        grown < 512 * 1024,
+        "47 unsigned deliveries (41 MB) grew the database by {grown} bytes"
+    );
+
+    let client = h.db.client().await;
+    let rows = client
+        .query(
+            "SELECT length(raw_body), body_bytes, body_sha256, body_truncated, verified, result, error
+             FROM payment_notifications ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("rows");
+    // The 40 past the server's limit were refused before any handler: no record at all.
+    assert_eq!(rows.len(), 7);
+    for row in &rows {
+        let kept: i32 = row.get(0);
+        assert!(kept <= 256, "at most a 256-byte prefix is kept, not {kept}");
+        assert!(!row.get::<_, bool>(4), "none verified");
+        assert_eq!(row.get::<_, String>(5), "rejected");
+        assert!(row.get::<_, bool>(3), "truncated");
+        assert!(row.get::<_, Option<String>>(6).is_some(), "a reason");
+    }
+    // The oversized ones declared their size; the small forged ones have a digest of the whole.
+    let digests = rows
+        .iter()
+        .filter(|r| r.get::<_, Option<String>>(2).is_some())
+        .count();
+    assert_eq!(digests, 5);
+    assert!(
+        rows.iter()
+            .any(|r| r.get::<_, Option<i64>>(1) == Some(half.len() as i64))
+    );
+
+    // The genuine notification is still stored whole, and pays the order.
+    let genuine = alipay_notify_body(
+        &alipay_params(&order, "99.00"),
+        &signer("alipay_gateway_private.pem"),
+    );
+    let (status, text) = post_alipay(&h.api, genuine.clone()).await;
+    assert_eq!((status, text.as_str()), (200, "success"));
+    assert_eq!(order_status(&h, &order).await, "paid");
+    let whole: Vec<u8> = client
+        .query_one(
+            "SELECT raw_body FROM payment_notifications WHERE verified ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .expect("genuine row")
+        .get(0);
+    assert_eq!(whole, genuine.as_bytes());
+}
+
+#[tokio::test]
+async fn rejected_records_are_budgeted_per_minute() {
+    let h = start_with(&[("TOLLGATE_NOTIFY_REJECTED_PER_MINUTE", "5")]).await;
+    for i in 0..15 {
+        let (status, text) = post_alipay(&h.api, format!("garbage={i}")).await;
+        assert_eq!((status, text.as_str()), (400, "failure"));
+    }
+    let recorded: i64 =
+        h.db.client()
+            .await
+            .query_one("SELECT count(*) FROM payment_notifications", &[])
+            .await
+            .expect("count")
+            .get(0);
+    // Five a minute; ten if the loop straddled a minute boundary.
+    assert!((5..=10).contains(&recorded), "{recorded} recorded");
 }

@@ -118,7 +118,7 @@ async fn missed_notifications_expired_orders_and_refunds() {
     let http = reqwest::Client::new();
 
     // The job's own parts, with "pending for a minute" shortened to now.
-    let pool = tollgate_control_plane::db::pool(&db.url, 2).expect("pool");
+    let pool = tollgate_control_plane::db::pool(&db.url, 2, None).expect("pool");
     let redis = tollgate_control_plane::redis::client(&support::redis_url()).expect("redis");
     fred::interfaces::ClientLike::init(&redis)
         .await

@@ -282,6 +282,11 @@ impl Authenticator {
         let claims = jsonwebtoken::decode::<AccessClaims>(token, &entry.key, &validation)
             .map_err(|_| AuthError::Refused("invalid token"))?
             .claims;
+        // A token "issued" in the future would outlive the user's cut-off (`tva`, compared
+        // with `iat`): refused beyond the clock-skew leeway.
+        if claims.iat > now + LEEWAY_SECONDS as i64 {
+            return Err(AuthError::Refused("issued in the future"));
+        }
         let user: Uuid = claims
             .sub
             .parse()

@@ -15,6 +15,8 @@ pub const ENV_UPSTREAM: &str = "TOLLGATE_SIDECAR_UPSTREAM";
 pub const ENV_ROUTES: &str = "TOLLGATE_SIDECAR_ROUTES";
 pub const ENV_CONTROL_PLANE_URL: &str = "TOLLGATE_SIDECAR_CONTROL_PLANE_URL";
 pub const ENV_REDIS_URL: &str = "REDIS_URL";
+pub const ENV_REDIS_CA_FILE: &str = "TOLLGATE_REDIS_CA_FILE";
+pub const ENV_CONTROL_PLANE_INTERNAL_URL: &str = "TOLLGATE_SIDECAR_CONTROL_PLANE_INTERNAL_URL";
 pub const ENV_REDIS_PREFIX: &str = "TOLLGATE_REDIS_PREFIX";
 pub const ENV_REDIS_TIMEOUT: &str = "TOLLGATE_SIDECAR_REDIS_TIMEOUT";
 pub const ENV_FAIL_MODE: &str = "TOLLGATE_SIDECAR_FAIL_MODE";
@@ -68,8 +70,14 @@ pub struct Config {
     pub upstream: Option<String>,
     /// The routes file (YAML).
     pub routes: PathBuf,
+    /// The control plane's public listener: the JWKS.
     pub control_plane_url: String,
+    /// The control plane's internal listener: the limits-refill call.
+    pub control_plane_internal_url: String,
     pub redis_url: Secret,
+    /// PEM file of the CA(s) that sign Redis's certificate (`rediss://`); default: the public
+    /// web roots.
+    pub redis_ca_file: Option<PathBuf>,
     pub redis_prefix: String,
     /// Deadline for one Redis call on the request path.
     pub redis_timeout: Millis,
@@ -115,7 +123,9 @@ pub struct Layer {
     pub upstream: Option<String>,
     pub routes: Option<PathBuf>,
     pub control_plane_url: Option<String>,
+    pub control_plane_internal_url: Option<String>,
     pub redis_url: Option<Secret>,
+    pub redis_ca_file: Option<PathBuf>,
     pub redis_prefix: Option<String>,
     pub redis_timeout: Option<Millis>,
     pub fail_mode: Option<FailMode>,
@@ -147,7 +157,9 @@ impl Layer {
             upstream: env.var(ENV_UPSTREAM),
             routes: env.var(ENV_ROUTES).map(PathBuf::from),
             control_plane_url: env.var(ENV_CONTROL_PLANE_URL),
+            control_plane_internal_url: env.var(ENV_CONTROL_PLANE_INTERNAL_URL),
             redis_url: env.var(ENV_REDIS_URL).map(Secret::new),
+            redis_ca_file: env.var(ENV_REDIS_CA_FILE).map(PathBuf::from),
             redis_prefix: env.var(ENV_REDIS_PREFIX),
             redis_timeout: problems.env(env, ENV_REDIS_TIMEOUT),
             fail_mode: problems.env(env, ENV_FAIL_MODE),
@@ -186,7 +198,11 @@ impl Layer {
             upstream: other.upstream.or(self.upstream),
             routes: other.routes.or(self.routes),
             control_plane_url: other.control_plane_url.or(self.control_plane_url),
+            control_plane_internal_url: other
+                .control_plane_internal_url
+                .or(self.control_plane_internal_url),
             redis_url: other.redis_url.or(self.redis_url),
+            redis_ca_file: other.redis_ca_file.or(self.redis_ca_file),
             redis_prefix: other.redis_prefix.or(self.redis_prefix),
             redis_timeout: other.redis_timeout.or(self.redis_timeout),
             fail_mode: other.fail_mode.or(self.fail_mode),
@@ -221,6 +237,12 @@ fn check_http_url(problems: &mut Problems, setting: &str, url: &str) {
             format_args!("{url:?} is not an http:// or https:// URL"),
         );
     }
+}
+
+/// Reads a PEM file of CA certificates.
+pub fn read_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    tollgate_common::tls::roots_from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn addr(problems: &mut Problems, setting: &str, value: Option<&str>, default: &str) -> SocketAddr {
@@ -286,6 +308,16 @@ impl Config {
             .trim_end_matches('/')
             .to_owned();
         check_http_url(problems, "control_plane_url", &control_plane_url);
+        let control_plane_internal_url = layer
+            .control_plane_internal_url
+            .unwrap_or_else(|| "http://127.0.0.1:9002".to_owned())
+            .trim_end_matches('/')
+            .to_owned();
+        check_http_url(
+            problems,
+            "control_plane_internal_url",
+            &control_plane_internal_url,
+        );
         let trusted_jwks = layer.trusted_jwks.unwrap_or_default();
         for url in &trusted_jwks {
             check_http_url(problems, "trusted_jwks", url);
@@ -298,6 +330,11 @@ impl Config {
                 "redis_url",
                 format_args!("not a Redis URL: {}", e.details()),
             );
+        }
+        if let Some(path) = &layer.redis_ca_file
+            && let Err(e) = read_roots(path)
+        {
+            problems.push("redis_ca_file", e);
         }
         let redis_prefix = tollgate_common::config::redis_prefix(problems, layer.redis_prefix);
         let redis_timeout = layer.redis_timeout.unwrap_or(Millis(50));
@@ -364,7 +401,9 @@ impl Config {
             upstream: layer.upstream,
             routes,
             control_plane_url,
+            control_plane_internal_url,
             redis_url,
+            redis_ca_file: layer.redis_ca_file,
             redis_prefix,
             redis_timeout,
             fail_mode: layer.fail_mode.unwrap_or(FailMode::Closed),
@@ -441,6 +480,30 @@ mod tests {
             );
         }
         assert_eq!(lines.len(), 6, "{lines:?}");
+    }
+
+    #[test]
+    fn internal_url_and_redis_ca_file() {
+        let config =
+            Config::load(None, &env(&[(ENV_ROUTES, "r.yaml")]), Layer::default()).expect("valid");
+        assert_eq!(config.control_plane_internal_url, "http://127.0.0.1:9002");
+        let err = Config::load(
+            None,
+            &env(&[
+                (ENV_ROUTES, "r.yaml"),
+                (ENV_CONTROL_PLANE_INTERNAL_URL, "nope"),
+                (ENV_REDIS_CA_FILE, "/nonexistent/ca.pem"),
+            ]),
+            Layer::default(),
+        )
+        .expect_err("invalid");
+        assert_eq!(err.0.len(), 2, "{:?}", err.0);
+        assert!(
+            err.0[0].starts_with("control_plane_internal_url:"),
+            "{:?}",
+            err.0
+        );
+        assert!(err.0[1].starts_with("redis_ca_file:"), "{:?}", err.0);
     }
 
     #[test]

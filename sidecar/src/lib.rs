@@ -196,7 +196,21 @@ impl Refill {
 }
 
 fn redis_builder(config: &Config) -> Result<Builder, fred::error::Error> {
-    let redis_config = fred::types::config::Config::from_url(config.redis_url.expose())?;
+    tollgate_common::tls::install_provider();
+    let mut redis_config = fred::types::config::Config::from_url(config.redis_url.expose())?;
+    if redis_config.uses_tls() {
+        // rediss://: the configured CAs (default: the public web roots), host name checked.
+        let roots = match &config.redis_ca_file {
+            Some(path) => Some(
+                config::read_roots(path)
+                    .map_err(|e| fred::error::Error::new(fred::error::ErrorKind::Tls, e))?,
+            ),
+            None => None,
+        };
+        let tls = tollgate_common::tls::client_config(roots, tollgate_common::tls::Verify::Full)
+            .map_err(|e| fred::error::Error::new(fred::error::ErrorKind::Tls, e))?;
+        redis_config.tls = Some(fred::types::config::TlsConnector::from(tls).into());
+    }
     let timeout = config.redis_timeout.duration();
     let mut builder = Builder::from_config(redis_config);
     builder
@@ -277,7 +291,7 @@ pub async fn run(
         metrics,
         refill: Refill {
             http,
-            control_plane_url: config.control_plane_url.clone(),
+            control_plane_url: config.control_plane_internal_url.clone(),
             inflight: std::sync::Mutex::new(HashMap::new()),
         },
         config: Arc::new(config),

@@ -67,6 +67,13 @@ async fn credentials_are_required_and_checked() {
                 cp.token_with(user, json!({"nbf": now + 3600}))
             )),
         ),
+        (
+            "issued a year in the future",
+            Some(format!(
+                "Bearer {}",
+                cp.token_with(user, json!({"iat": now + 365 * 86_400}))
+            )),
+        ),
         ("oversized", Some(format!("Bearer {}", "x".repeat(9000)))),
     ];
     for (name, auth) in cases {

@@ -247,6 +247,13 @@ def control_plane_problems(docs):
         problems.append("TOLLGATE_LOG_FORMAT is not json")
     if not config.get("TOLLGATE_LISTEN", "").startswith("0.0.0.0:"):
         problems.append("TOLLGATE_LISTEN does not listen on the pod address")
+    # /internal/ has a listener of its own (issue 13), on a declared port named `internal`.
+    internal_listen = config.get("TOLLGATE_INTERNAL_LISTEN", "")
+    cp_ports = {p["name"]: p["containerPort"] for p in cp.get("ports", [])}
+    if not internal_listen.startswith("0.0.0.0:") or cp_ports.get("internal") != int(internal_listen.rsplit(":", 1)[-1] or 0):
+        problems.append("TOLLGATE_INTERNAL_LISTEN is not the pod address on the port named internal")
+    if internal_listen and internal_listen == config.get("TOLLGATE_LISTEN"):
+        problems.append("the internal listener is the public one")
     keys_dir = config.get("TOLLGATE_JWT_KEYS_DIR")
     mounts = {m["mountPath"]: m["name"] for m in cp.get("volumeMounts", [])}
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
@@ -317,6 +324,9 @@ def sidecar_app_problems(docs, repo):
     cp_url = env_value(sidecar, "TOLLGATE_SIDECAR_CONTROL_PLANE_URL") or ""
     if not re.fullmatch(r"http://tollgate-control-plane\.[a-z0-9-]+\.svc(\.cluster\.local)?(:\d+)?", cp_url):
         problems.append(f"control plane URL {cp_url!r} is not the in-cluster Service")
+    internal_url = env_value(sidecar, "TOLLGATE_SIDECAR_CONTROL_PLANE_INTERNAL_URL") or ""
+    if not re.fullmatch(r"http://tollgate-control-plane\.[a-z0-9-]+\.svc(\.cluster\.local)?:9002", internal_url):
+        problems.append(f"control plane internal URL {internal_url!r} is not the Service's internal port")
 
     # Graceful termination: the sidecar drains for TOLLGATE_SHUTDOWN_GRACE after its preStop
     # pause; the app must still be there until then, and the pod's grace period must cover both.
@@ -374,6 +384,9 @@ def exposure_problems(docs):
                     continue
                 p = path.get("path", "/")
                 public.append(p)
+                port = path["backend"]["service"].get("port", {})
+                if port not in ({"name": "http"}, {"number": 80}):
+                    problems.append(f"Ingress/{ing['metadata']['name']} routes {p} to port {port}, not http")
                 allowed = p.rstrip("/") in ("/v1", "/.well-known", "/checkout") or p.startswith(("/v1/", "/.well-known/"))
                 if not allowed or path.get("pathType") == "ImplementationSpecific":
                     problems.append(f"Ingress/{ing['metadata']['name']} routes {p} ({path.get('pathType')}) to the control plane")
@@ -554,6 +567,16 @@ def network_problems(docs, overlay):
             problems.append(f"{pod['name']} (a sidecar) cannot reach the control plane")
         if pod["name"].startswith("stranger") and allowed:
             problems.append(f"{pod['name']} can reach the control plane")
+    # The control plane's internal port (/internal/): sidecars only — not the ingress controller,
+    # not Prometheus, not strangers.
+    outsiders = [
+        {"name": "ingress controller", "namespace": "ingress-nginx", "labels": {"app.kubernetes.io/name": "ingress-nginx"}},
+        {"name": "prometheus", "namespace": "monitoring", "labels": {"app.kubernetes.io/name": "prometheus"}},
+    ]
+    for pod in pods + outsiders:
+        allowed = ingress_allowed(policies, pod, target, 9002, "internal")
+        if allowed != has_sidecar(pod):
+            problems.append(f"{pod['name']} {'can' if allowed else 'cannot'} reach the control plane's internal port")
     # The sidecar admin port: the monitoring namespace only.
     app = one(docs, "Deployment", "idoctor")
     target = {"namespace": namespace, "labels": pod_labels(app)}

@@ -18,9 +18,9 @@ DATABASE_URL=$(url_with_db "$E2E_BASE_DATABASE_URL" "$E2E_DB")
 # reconciles, and prunes, its prefix at start), so this run meets no one else's keys.
 export TOLLGATE_REDIS_PREFIX="e2e$E2E_RAND"
 
-# Five distinct free ports, so this never meets a developer's stack on the default ones.
+# Six distinct free ports, so this never meets a developer's stack on the default ones.
 E2E_PORTS=()
-for var in TOLLGATE_CP_PORT TOLLGATE_APP_PORT TOLLGATE_SIDECAR_PORT TOLLGATE_SIDECAR_ADMIN_PORT TOLLGATE_PAYSIM_PORT; do
+for var in TOLLGATE_CP_PORT TOLLGATE_CP_INTERNAL_PORT TOLLGATE_APP_PORT TOLLGATE_SIDECAR_PORT TOLLGATE_SIDECAR_ADMIN_PORT TOLLGATE_PAYSIM_PORT; do
     port=$(free_port)
     while [[ " ${E2E_PORTS[*]} " == *" $port "* ]]; do port=$(free_port); done
     E2E_PORTS+=("$port")

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::signing::KeyRing;
 
-/// Clock skew tolerated on `exp` and `nbf`, in seconds.
+/// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
 pub const LEEWAY_SECONDS: u64 = 30;
 /// Tokens longer than this are refused before parsing.
 pub const MAX_TOKEN_BYTES: usize = 4096;
@@ -33,6 +33,8 @@ pub enum TokenError {
     UnknownKid,
     #[error("token: {0}")]
     Invalid(jsonwebtoken::errors::Error),
+    #[error("token issued in the future")]
+    IssuedInFuture,
     #[error("signing: {0}")]
     Sign(jsonwebtoken::errors::Error),
 }
@@ -74,7 +76,8 @@ impl Tokens {
         jsonwebtoken::encode(&header, &claims, &key.encoding).map_err(TokenError::Sign)
     }
 
-    /// Verifies signature (EdDSA only, key chosen by `kid`), `iss`, `aud`, `exp` and `nbf`.
+    /// Verifies signature (EdDSA only, key chosen by `kid`), `iss`, `aud`, `exp`, `nbf` and that
+    /// `iat` is not in the future.
     pub fn verify(&self, token: &str) -> Result<AccessClaims, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLong);
@@ -92,8 +95,14 @@ impl Tokens {
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = LEEWAY_SECONDS;
-        jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, &validation)
+        let claims = jsonwebtoken::decode::<AccessClaims>(token, &key.decoding, &validation)
             .map(|data| data.claims)
-            .map_err(TokenError::Invalid)
+            .map_err(TokenError::Invalid)?;
+        // A token "issued" in the future would outlive the user's cut-off (`tokens_valid_after`
+        // is compared with `iat`): refused beyond the clock-skew leeway.
+        if claims.iat > chrono::Utc::now().timestamp() + LEEWAY_SECONDS as i64 {
+            return Err(TokenError::IssuedInFuture);
+        }
+        Ok(claims)
     }
 }

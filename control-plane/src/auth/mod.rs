@@ -20,19 +20,24 @@ use crate::http::AppState;
 use crate::http::error::AppError;
 
 /// Runs argon2 on the blocking pool, at most `concurrency` at once, so that a burst of logins
-/// cannot take every core or exhaust memory (19 MiB each).
+/// cannot take every core or exhaust memory (19 MiB each); at most `queue` more wait for a
+/// slot, and past that a caller gets `503 busy` with `Retry-After` at once. Memory for hashing is
+/// therefore bounded by `concurrency` x 19 MiB whatever the burst.
 #[derive(Clone)]
 pub struct Hasher {
     permits: Arc<Semaphore>,
+    /// Hashing slots plus waiting places.
+    admission: Arc<Semaphore>,
     /// A hash of nothing in particular, verified for unknown and disabled accounts so that
     /// their answer takes as long as a real one.
     dummy: Arc<str>,
 }
 
 impl Hasher {
-    pub fn new(concurrency: usize) -> Result<Hasher, PasswordError> {
+    pub fn new(concurrency: usize, queue: usize) -> Result<Hasher, PasswordError> {
         Ok(Hasher {
             permits: Arc::new(Semaphore::new(concurrency)),
+            admission: Arc::new(Semaphore::new(concurrency + queue)),
             dummy: password::hash("tollgate timing equaliser")?.into(),
         })
     }
@@ -41,6 +46,14 @@ impl Hasher {
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, AppError> {
+        let Ok(_admitted) = self.admission.try_acquire() else {
+            return Err(AppError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many password checks in progress; try again in a second",
+            )
+            .with_retry_after(1));
+        };
         let _permit = self
             .permits
             .acquire()

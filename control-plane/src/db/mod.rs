@@ -11,10 +11,9 @@ pub mod outbox;
 pub mod refresh;
 pub mod seed;
 pub mod subscriptions;
+pub mod tls;
 pub mod usage;
 pub mod users;
-
-use std::str::FromStr;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
@@ -57,6 +56,20 @@ impl DbError {
         }
     }
 
+    /// Whether PostgreSQL refused text it cannot hold (NUL, invalid encoding): bad input that got
+    /// past the edge checks, to be answered as such rather than as an internal error.
+    pub fn bad_text(&self) -> bool {
+        match self {
+            DbError::Query { source, .. } => source.as_db_error().is_some_and(|db| {
+                matches!(
+                    *db.code(),
+                    SqlState::CHARACTER_NOT_IN_REPERTOIRE | SqlState::UNTRANSLATABLE_CHARACTER
+                )
+            }),
+            _ => false,
+        }
+    }
+
     /// The name of the CHECK constraint this error violated, if any.
     pub fn check_violation(&self) -> Option<&str> {
         match self {
@@ -72,17 +85,25 @@ impl DbError {
 }
 
 /// Builds the connection pool. Connections are made lazily, so a database that is down at
-/// start-up shows as "not ready" instead of stopping the process.
-pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
-    let pg = tokio_postgres::Config::from_str(database_url)
+/// start-up shows as "not ready" instead of stopping the process. TLS as `database_url`'s
+/// `sslmode` says ([`tls::DbTarget`]); `ca_file` unless the URL names `sslrootcert`.
+pub fn pool(
+    database_url: &str,
+    max_size: usize,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Pool, DbError> {
+    let target = tls::DbTarget::parse(database_url)
         .map_err(|e| DbError::Invalid(format!("database_url: {e}")))?;
-    let manager = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let connector = target
+        .connector(ca_file)
+        .map_err(|e| DbError::Invalid(format!("database tls: {e}")))?;
+    let config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match connector {
+        Some(tls) => Manager::from_config(target.config, tls, config),
+        None => Manager::from_config(target.config, NoTls, config),
+    };
     Pool::builder(manager)
         .max_size(max_size)
         .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -95,13 +116,49 @@ pub fn pool(database_url: &str, max_size: usize) -> Result<Pool, DbError> {
 /// Opens one dedicated connection (not from the pool), for work that holds session state such
 /// as the migration lock.
 pub async fn connect(database_url: &str) -> Result<tokio_postgres::Client, DbError> {
-    let (client, connection) = tokio_postgres::connect(database_url, NoTls)
-        .await
-        .map_err(DbError::op("connect"))?;
+    connect_with_ca(database_url, None).await
+}
+
+/// [`connect`], trusting the CAs of `ca_file` unless the URL names `sslrootcert`.
+pub async fn connect_with_ca(
+    database_url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<tokio_postgres::Client, DbError> {
+    let target = tls::DbTarget::parse(database_url)
+        .map_err(|e| DbError::Invalid(format!("database_url: {e}")))?;
+    let connector = target
+        .connector(ca_file)
+        .map_err(|e| DbError::Invalid(format!("database tls: {e}")))?;
+    let client = match connector {
+        Some(tls) => {
+            let (client, connection) = target
+                .config
+                .connect(tls)
+                .await
+                .map_err(DbError::op("connect"))?;
+            spawn_connection(connection);
+            client
+        }
+        None => {
+            let (client, connection) = target
+                .config
+                .connect(NoTls)
+                .await
+                .map_err(DbError::op("connect"))?;
+            spawn_connection(connection);
+            client
+        }
+    };
+    Ok(client)
+}
+
+fn spawn_connection<F>(connection: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "database connection closed");
         }
     });
-    Ok(client)
 }

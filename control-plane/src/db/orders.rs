@@ -169,22 +169,65 @@ pub async fn pending_older_than(
     Ok(rows.iter().map(OrderRow::from_row).collect())
 }
 
-/// Stores a notification as it arrived, before anything is done with it.
+/// Stores a notification whose signature verified, whole, before it is acted on (audit and
+/// reconciliation).
 pub async fn record_notification(
     client: &impl tokio_postgres::GenericClient,
     channel: &str,
     headers: &serde_json::Value,
     raw_body: &[u8],
+    sha256_hex: &str,
 ) -> Result<i64, DbError> {
+    let size = raw_body.len() as i64;
     let row = client
         .query_one(
-            "INSERT INTO payment_notifications (channel, headers, raw_body, verified, result)
-             VALUES ($1, $2, $3, false, 'received') RETURNING id",
-            &[&channel, headers, &raw_body],
+            "INSERT INTO payment_notifications
+                 (channel, headers, raw_body, body_bytes, body_sha256, verified, result)
+             VALUES ($1, $2, $3, $4, $5, true, 'received') RETURNING id",
+            &[&channel, headers, &raw_body, &size, &sha256_hex],
         )
         .await
         .map_err(DbError::op("store notification"))?;
     Ok(row.get(0))
+}
+
+/// What is kept of a delivery that did not verify: its size, digest and first bytes, never the
+/// whole body, so that what anyone can make us store is small and fixed.
+pub struct Rejected<'a> {
+    pub channel: &'a str,
+    pub headers: &'a serde_json::Value,
+    pub prefix: &'a [u8],
+    /// The body's full size (or, for one refused unread, what it declared).
+    pub size: Option<i64>,
+    /// SHA-256 of the whole body, when it was read whole.
+    pub sha256_hex: Option<&'a str>,
+    pub reason: &'a str,
+}
+
+pub async fn record_rejected(
+    client: &impl tokio_postgres::GenericClient,
+    r: &Rejected<'_>,
+) -> Result<(), DbError> {
+    let truncated = r.size.is_none_or(|size| size > r.prefix.len() as i64);
+    client
+        .execute(
+            "INSERT INTO payment_notifications
+                 (channel, headers, raw_body, body_bytes, body_sha256, body_truncated, verified,
+                  result, error)
+             VALUES ($1, $2, $3, $4, $5, $6, false, 'rejected', $7)",
+            &[
+                &r.channel,
+                r.headers,
+                &r.prefix,
+                &r.size,
+                &r.sha256_hex,
+                &truncated,
+                &r.reason,
+            ],
+        )
+        .await
+        .map_err(DbError::op("record rejected notification"))?;
+    Ok(())
 }
 
 pub async fn finish_notification(

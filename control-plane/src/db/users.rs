@@ -26,22 +26,31 @@ impl UserRow {
     }
 }
 
-/// The name of the unique index that makes emails unique case-insensitively.
-pub const EMAIL_UNIQUE: &str = "users_email_lower_key";
+/// The unique index on the normalised email (`domain::accounts::email_key`).
+pub const EMAIL_UNIQUE: &str = "users_email_key_key";
+/// The older unique index on `lower(email)`, kept: a violation of it is a taken email too.
+pub const EMAIL_LOWER_UNIQUE: &str = "users_email_lower_key";
 
-/// Creates a user on the `free` plan, in one transaction. A taken email surfaces as a unique
-/// violation of [`EMAIL_UNIQUE`].
+/// Whether a unique violation says the email is taken.
+pub fn email_taken(constraint: Option<&str>) -> bool {
+    matches!(constraint, Some(EMAIL_UNIQUE | EMAIL_LOWER_UNIQUE))
+}
+
+/// Creates a user on the `free` plan, in one transaction. `email_key` is
+/// `domain::accounts::email_key(email)`. A taken email surfaces as a unique violation that
+/// [`email_taken`] recognises.
 pub async fn create(
     tx: &tokio_postgres::Transaction<'_>,
     email: &str,
+    email_key: &str,
     password_hash: &str,
     role: &str,
 ) -> Result<UserRow, DbError> {
     let row = tx
         .query_one(
-            "INSERT INTO users (email, password_hash, role) VALUES ($1, $2, $3)
+            "INSERT INTO users (email, email_key, password_hash, role) VALUES ($1, $2, $3, $4)
              RETURNING id, email, role, status, created_at",
-            &[&email, &password_hash, &role],
+            &[&email, &email_key, &password_hash, &role],
         )
         .await
         .map_err(DbError::op("insert user"))?;
@@ -69,16 +78,15 @@ pub struct Credentials {
     pub password_hash: String,
 }
 
+/// The user whose normalised email is `email_key` (`domain::accounts::email_key`).
 pub async fn by_email(
     client: &impl tokio_postgres::GenericClient,
-    email: &str,
+    email_key: &str,
 ) -> Result<Option<Credentials>, DbError> {
     let row = client
         .query_opt(
-            &format!(
-                "SELECT {USER_COLUMNS}, password_hash FROM users WHERE lower(email) = lower($1)"
-            ),
-            &[&email],
+            &format!("SELECT {USER_COLUMNS}, password_hash FROM users WHERE email_key = $1"),
+            &[&email_key],
         )
         .await
         .map_err(DbError::op("find user by email"))?;

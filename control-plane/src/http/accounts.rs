@@ -86,16 +86,17 @@ pub async fn register(
         .transaction()
         .await
         .map_err(DbError::op("begin register"))?;
-    let user = db::users::create(&tx, &email, &hash, "user")
+    let key = accounts::email_key(&email);
+    let user = db::users::create(&tx, &email, &key, &hash, "user")
         .await
         .map_err(|e| {
+            const TAKEN: &str = "an account with this email already exists";
             AppError::from_db(
                 e,
-                &[(
-                    db::users::EMAIL_UNIQUE,
-                    "email_taken",
-                    "an account with this email already exists",
-                )],
+                &[
+                    (db::users::EMAIL_UNIQUE, "email_taken", TAKEN),
+                    (db::users::EMAIL_LOWER_UNIQUE, "email_taken", TAKEN),
+                ],
             )
         })?;
     db::outbox::enqueue(&*tx, Topic::User, &user.id.to_string()).await?;
@@ -112,18 +113,20 @@ pub async fn login(
     Json(body): Json<CredentialsBody>,
 ) -> Result<Response, AppError> {
     let client_ip = client_ip(&headers, peer, state.config.trust_forwarded_for);
-    let email = body.email.trim().to_owned();
+    // Throttled per (account, client) and per client: see auth::throttle.
+    let account = accounts::email_key(&body.email);
     if let Verdict::Locked(seconds) = state
         .throttle
-        .check(&state.redis, &email, client_ip)
+        .check(&state.redis, &account, client_ip)
         .await
         .map_err(AppError::unavailable)?
     {
         return Err(too_many_attempts(seconds));
     }
-    let mut client = state.db.get().await.map_err(DbError::from)?;
-    let found = if accounts::normalize_email(&email).is_ok() {
-        db::users::by_email(&**client, &email).await?
+    // No pooled connection is held while the password is hashed (that may wait in the queue).
+    let found = if accounts::normalize_email(&body.email).is_ok() {
+        let client = state.db.get().await.map_err(DbError::from)?;
+        db::users::by_email(&**client, &account).await?
     } else {
         None
     };
@@ -142,20 +145,25 @@ pub async fn login(
     let Some(user) = user.filter(|_| ok) else {
         state
             .throttle
-            .fail(&state.redis, &email, client_ip)
+            .fail(&state.redis, &account, client_ip)
             .await
             .map_err(AppError::unavailable)?;
         return Err(invalid_credentials());
     };
     if let Err(e) = state
         .throttle
-        .succeed(&state.redis, &email, client_ip)
+        .succeed(&state.redis, &account, client_ip)
         .await
     {
         tracing::warn!(error = %e, "could not clear login failures");
     }
-    if phc.as_deref().is_some_and(password::needs_rehash) {
-        let fresh = state.hasher.hash(candidate).await?;
+    let fresh = if phc.as_deref().is_some_and(password::needs_rehash) {
+        Some(state.hasher.hash(candidate).await?)
+    } else {
+        None
+    };
+    let mut client = state.db.get().await.map_err(DbError::from)?;
+    if let Some(fresh) = fresh {
         db::users::set_password_hash(&**client, user.id, &fresh).await?;
     }
     let tx = client
@@ -167,12 +175,14 @@ pub async fn login(
     Ok(Json(response).into_response())
 }
 
+/// Only this client waits, and for as long as it is told (never for other clients).
 fn too_many_attempts(seconds: u64) -> AppError {
     AppError::new(
         StatusCode::TOO_MANY_REQUESTS,
         "too_many_attempts",
-        "too many failed logins; try again later",
+        format!("too many failed logins from this client; try again in {seconds} s"),
     )
+    .with_details(serde_json::json!({ "retry_after": seconds }))
     .with_retry_after(seconds)
 }
 

@@ -115,6 +115,12 @@ impl From<DbError> for AppError {
     fn from(e: DbError) -> Self {
         match &e {
             DbError::Pool(_) => AppError::unavailable(e),
+            // Defence in depth: `http::hygiene` refuses such text before any handler runs.
+            _ if e.bad_text() => {
+                let mut err = AppError::invalid("the request holds text that cannot be stored");
+                err.internal = Some(e.to_string());
+                err
+            }
             _ => AppError::internal(e),
         }
     }

@@ -1,5 +1,6 @@
-//! Calls from the sidecars, on `/internal/`. Not part of the public API: expose only `/v1/` and
-//! `/.well-known/` outside the cluster (the manifests in `k8s/` do).
+//! Calls from the sidecars, on `/internal/`, served only on the internal listener
+//! (`internal_listen`, default `127.0.0.1:9002`): the public listener has no such route. Expose
+//! that port to the sidecars alone (the NetworkPolicy in `k8s/` does).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;

@@ -8,6 +8,7 @@ pub mod cursor;
 pub mod dto;
 pub mod error;
 pub mod extract;
+pub mod hygiene;
 mod internal;
 mod metering;
 pub mod openapi;
@@ -113,7 +114,6 @@ pub fn router(state: AppState) -> Router {
         post "/v1/payments/wechat/notify" => payments::wechat_notify, Gateway, 204 "Handled", "WeChat Pay v3 notification (signed, AES-256-GCM resource)";
         post "/v1/admin/orders/{id}/refund" => payments::admin_refund, Admin, 200 "Order", "Refund a paid order in full";
         get "/checkout" => payments::checkout, Public, 200 "text/html", "The checkout page";
-        post "/internal/users/{id}/sync" => internal::sync_user, Internal, 204 "Written", "A sidecar asks for a user's limits";
     };
     let document = std::sync::Arc::new(openapi::document(&ops, &state.config.public_url));
     router
@@ -129,8 +129,31 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        // The framework's own refusals get the contract's error body.
+        .layer(middleware::from_fn(hygiene::error_bodies))
+        // Before routing: no handler ever sees a path or query with NUL or other controls.
+        .layer(middleware::from_fn(hygiene::reject_bad_text))
         // Outermost: every response, including 404s and rejections, gets a request id, a
         // metric and a log line.
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// The sidecars' calls, served on the internal listener only (`internal_listen`): nothing under
+/// `/internal/` exists on the public one.
+pub fn internal_router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/internal/users/{id}/sync",
+            axum::routing::post(internal::sync_user),
+        )
+        .route("/healthz", get(ops::healthz))
+        .route_layer(middleware::from_fn(label_route))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(1024))
+        .layer(middleware::from_fn(hygiene::error_bodies))
+        .layer(middleware::from_fn(hygiene::reject_bad_text))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }

@@ -15,8 +15,6 @@ pub enum Access {
     Admin,
     /// A payment gateway; authenticated by its signature, not by credentials.
     Gateway,
-    /// A sidecar inside the cluster; never exposed publicly.
-    Internal,
 }
 
 /// One operation of the API.
@@ -60,7 +58,6 @@ pub fn document(ops: &[Op], server: &str) -> Value {
             Access::User => &[400, 401, 404, 413],
             Access::Admin => &[400, 401, 403, 404, 409],
             Access::Gateway => &[400, 401],
-            Access::Internal => &[404, 503],
         };
         for code in errors {
             responses.insert(code.to_string(), error_ref());

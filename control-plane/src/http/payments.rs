@@ -2,7 +2,7 @@
 //! page.
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -194,7 +194,8 @@ pub async fn qr_png(
     Ok(([(header::CONTENT_TYPE, "image/png")], out).into_response())
 }
 
-fn header_json(headers: &HeaderMap) -> serde_json::Value {
+/// The headers kept with a notification; each value at most `max` characters.
+fn header_json(headers: &HeaderMap, max: usize) -> serde_json::Value {
     let keep = [
         "content-type",
         "user-agent",
@@ -207,22 +208,137 @@ fn header_json(headers: &HeaderMap) -> serde_json::Value {
     serde_json::Value::Object(
         keep.iter()
             .filter_map(|k| {
-                headers
-                    .get(*k)
-                    .and_then(|v| v.to_str().ok())
-                    .map(|v| ((*k).to_owned(), json!(v)))
+                headers.get(*k).and_then(|v| v.to_str().ok()).map(|v| {
+                    (
+                        (*k).to_owned(),
+                        json!(v.chars().take(max).collect::<String>()),
+                    )
+                })
             })
             .collect(),
     )
 }
 
+/// How much of a rejected delivery's body is kept.
+const REJECTED_PREFIX: usize = 256;
+
+/// A notification's body as far as it was read.
+enum Delivery {
+    Whole(Bytes),
+    /// Over the limit: the first bytes, and the size it declared, if any.
+    TooLarge {
+        prefix: Bytes,
+        declared: Option<i64>,
+    },
+    /// The connection failed while reading.
+    Broken,
+}
+
+/// Reads at most `limit` bytes of the body; never buffers more than that.
+async fn read_body(request: Request, limit: usize) -> (HeaderMap, Delivery) {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok());
+    if declared.is_some_and(|n| n > limit as i64) {
+        return (
+            parts.headers,
+            Delivery::TooLarge {
+                prefix: Bytes::new(),
+                declared,
+            },
+        );
+    }
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return (parts.headers, Delivery::Broken);
+        };
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > limit {
+                buf.extend_from_slice(&data[..(limit - buf.len()).min(data.len())]);
+                buf.truncate(REJECTED_PREFIX);
+                return (
+                    parts.headers,
+                    Delivery::TooLarge {
+                        prefix: buf.into(),
+                        declared,
+                    },
+                );
+            }
+            buf.extend_from_slice(data);
+        }
+    }
+    (parts.headers, Delivery::Whole(buf.into()))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A delivery that did not verify (or could not be read): counted, logged, and — within this
+/// minute's budget — recorded as size, digest, reason and the first 256 bytes, never whole.
+async fn reject_unverified(
+    state: &AppState,
+    channel: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    whole: bool,
+    declared: Option<i64>,
+    why: &str,
+) {
+    state
+        .metrics
+        .payment_notifications
+        .with_label_values(&[channel, "rejected"])
+        .inc();
+    if !state.payments.rejections.take(channel) {
+        tracing::debug!(
+            channel,
+            why,
+            "payment notification rejected (not recorded: budget spent)"
+        );
+        return;
+    }
+    tracing::warn!(channel, why, "payment notification rejected");
+    let digest = whole.then(|| sha256_hex(body));
+    let size = if whole {
+        Some(body.len() as i64)
+    } else {
+        declared
+    };
+    let reason: String = why.chars().take(200).collect();
+    if let Ok(client) = state.db.get().await {
+        let _ = db::orders::record_rejected(
+            &**client,
+            &db::orders::Rejected {
+                channel,
+                headers: &header_json(headers, 128),
+                prefix: &body[..body.len().min(REJECTED_PREFIX)],
+                size,
+                sha256_hex: digest.as_deref(),
+                reason: &reason,
+            },
+        )
+        .await;
+    }
+}
+
+/// A verified notification refused for what it says (unknown order, other amount): its stored
+/// row is marked rejected.
 async fn reject(
     state: &AppState,
     channel: &str,
     id: i64,
     out_trade_no: Option<&str>,
     event: Option<&str>,
-    verified: bool,
     why: &str,
 ) {
     state
@@ -235,7 +351,7 @@ async fn reject(
         let _ = db::orders::finish_notification(
             &**client,
             id,
-            verified,
+            true,
             out_trade_no,
             event,
             "rejected",
@@ -245,34 +361,66 @@ async fn reject(
     }
 }
 
+/// Stores a verified notification whole; `None` when the database is unavailable.
+async fn store_verified(
+    state: &AppState,
+    channel: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Option<i64> {
+    let client = state.db.get().await.ok()?;
+    db::orders::record_notification(
+        &**client,
+        channel,
+        &header_json(headers, 1024),
+        body,
+        &sha256_hex(body),
+    )
+    .await
+    .ok()
+}
+
+/// Reads a delivery within the notification body limit; an oversized or broken one is recorded
+/// as a rejection and `Err` carries the reason.
+async fn read_delivery(
+    state: &AppState,
+    channel: &str,
+    request: Request,
+) -> Result<(HeaderMap, Bytes), (HeaderMap, String)> {
+    let limit = state.payments.notify_body_limit;
+    match read_body(request, limit).await {
+        (headers, Delivery::Whole(body)) => Ok((headers, body)),
+        (headers, Delivery::TooLarge { prefix, declared }) => {
+            let why = format!("body over {limit} bytes");
+            reject_unverified(state, channel, &headers, &prefix, false, declared, &why).await;
+            Err((headers, why))
+        }
+        (headers, Delivery::Broken) => Err((headers, "the body could not be read".to_owned())),
+    }
+}
+
 /// Alipay's asynchronous notification: `success` once handled (also for a duplicate), `failure`
 /// with 400 for anything that does not verify or does not match the order; nothing changes then.
-pub async fn alipay_notify(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// The signature is checked before anything is stored.
+pub async fn alipay_notify(State(state): State<AppState>, request: Request) -> Response {
     let failure = |status: StatusCode| (status, "failure").into_response();
     let Some(alipay) = state.payments.alipay.clone() else {
         return failure(StatusCode::NOT_FOUND);
     };
-    let id = {
-        let Ok(client) = state.db.get().await else {
-            return failure(StatusCode::SERVICE_UNAVAILABLE);
-        };
-        match db::orders::record_notification(&**client, "alipay", &header_json(&headers), &body)
-            .await
-        {
-            Ok(id) => id,
-            Err(_) => return failure(StatusCode::SERVICE_UNAVAILABLE),
-        }
+    let (headers, body) = match read_delivery(&state, "alipay", request).await {
+        Ok(delivery) => delivery,
+        Err(_) => return failure(StatusCode::PAYLOAD_TOO_LARGE),
     };
     let notify = match alipay.verify_notify(&body) {
         Ok(n) => n,
         Err(e) => {
-            reject(&state, "alipay", id, None, None, false, &e.to_string()).await;
+            let why = e.to_string();
+            reject_unverified(&state, "alipay", &headers, &body, true, None, &why).await;
             return failure(StatusCode::BAD_REQUEST);
         }
+    };
+    let Some(id) = store_verified(&state, "alipay", &headers, &body).await else {
+        return failure(StatusCode::SERVICE_UNAVAILABLE);
     };
     if !notify.is_paid() {
         if let Ok(client) = state.db.get().await {
@@ -325,7 +473,6 @@ pub async fn alipay_notify(
                 id,
                 Some(&notify.out_trade_no),
                 Some(&notify.trade_status),
-                true,
                 &e.to_string(),
             )
             .await;
@@ -343,25 +490,15 @@ fn wechat_fail(status: StatusCode, message: &str) -> Response {
 }
 
 /// WeChat Pay's notification: `204` once handled (also for a duplicate); `401` for a bad
-/// signature, `400` for a stale timestamp, a resource that does not decrypt or a mismatch.
-pub async fn wechat_notify(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// signature, `400` for a stale timestamp, a resource that does not decrypt or a mismatch. The
+/// signature is checked before anything is stored.
+pub async fn wechat_notify(State(state): State<AppState>, request: Request) -> Response {
     let Some(wechat) = state.payments.wechat.clone() else {
         return wechat_fail(StatusCode::NOT_FOUND, "wechat pay is not configured");
     };
-    let id = {
-        let Ok(client) = state.db.get().await else {
-            return wechat_fail(StatusCode::SERVICE_UNAVAILABLE, "try again");
-        };
-        match db::orders::record_notification(&**client, "wechat", &header_json(&headers), &body)
-            .await
-        {
-            Ok(id) => id,
-            Err(_) => return wechat_fail(StatusCode::SERVICE_UNAVAILABLE, "try again"),
-        }
+    let (headers, body) = match read_delivery(&state, "wechat", request).await {
+        Ok(delivery) => delivery,
+        Err((_, why)) => return wechat_fail(StatusCode::PAYLOAD_TOO_LARGE, &why),
     };
     let h = |name: &str| {
         headers
@@ -379,15 +516,19 @@ pub async fn wechat_notify(
         match wechat.verify_notification(&signed, &body, chrono::Utc::now().timestamp()) {
             Ok(v) => v,
             Err(e) => {
-                reject(&state, "wechat", id, None, None, false, &e.to_string()).await;
+                let why = e.to_string();
+                reject_unverified(&state, "wechat", &headers, &body, true, None, &why).await;
                 let status = if matches!(e, PayError::BadSignature) {
                     StatusCode::UNAUTHORIZED
                 } else {
                     StatusCode::BAD_REQUEST
                 };
-                return wechat_fail(status, &e.to_string());
+                return wechat_fail(status, &why);
             }
         };
+    let Some(id) = store_verified(&state, "wechat", &headers, &body).await else {
+        return wechat_fail(StatusCode::SERVICE_UNAVAILABLE, "try again");
+    };
     if transaction.trade_state != "SUCCESS" {
         if let Ok(client) = state.db.get().await {
             let _ = db::orders::finish_notification(
@@ -440,7 +581,6 @@ pub async fn wechat_notify(
                 id,
                 Some(&transaction.out_trade_no),
                 Some(&event),
-                true,
                 &e.to_string(),
             )
             .await;

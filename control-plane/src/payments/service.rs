@@ -26,6 +26,42 @@ pub struct Payments {
     pub order_ttl: chrono::Duration,
     /// Orders pending this long are asked about at the gateway.
     pub reconcile_after: chrono::Duration,
+    /// Largest notification body read, in bytes.
+    pub notify_body_limit: usize,
+    /// How many rejected notifications are recorded per minute (the rest are only counted).
+    pub rejections: Arc<RejectionBudget>,
+}
+
+/// Rejected (unverified) notifications recorded per minute and channel in this process; past
+/// the budget they are only counted in the metrics and logged at debug level.
+pub struct RejectionBudget {
+    per_minute: u32,
+    /// (the minute, recorded so far per channel: alipay, wechat)
+    used: std::sync::Mutex<(i64, [u32; 2])>,
+}
+
+impl RejectionBudget {
+    pub fn new(per_minute: u32) -> RejectionBudget {
+        RejectionBudget {
+            per_minute,
+            used: std::sync::Mutex::new((0, [0, 0])),
+        }
+    }
+
+    /// Takes one from this minute's budget of `channel`; false when it is spent.
+    pub fn take(&self, channel: &str) -> bool {
+        let minute = Utc::now().timestamp() / 60;
+        let slot = usize::from(channel != "alipay");
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if used.0 != minute {
+            *used = (minute, [0, 0]);
+        }
+        if used.1[slot] >= self.per_minute {
+            return false;
+        }
+        used.1[slot] += 1;
+        true
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +162,8 @@ impl Payments {
             metrics,
             order_ttl: chrono::Duration::milliseconds(config.order_ttl.0 as i64),
             reconcile_after: chrono::Duration::seconds(60),
+            notify_body_limit: config.notify_body_limit,
+            rejections: Arc::new(RejectionBudget::new(config.notify_rejected_per_minute)),
         })
     }
 

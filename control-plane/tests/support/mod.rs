@@ -151,8 +151,11 @@ pub fn config_with(db: &TestDb, extra: &[(&str, &str)]) -> Config {
 /// A running control plane on 127.0.0.1:0; stops when the returned sender is dropped.
 pub struct Server {
     pub base: String,
+    /// The internal listener (`/internal/`), where sidecars call.
+    pub internal: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     redis_url: String,
+    redis_ca: Option<std::path::PathBuf>,
     prefix: String,
 }
 
@@ -163,7 +166,11 @@ impl Drop for Server {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let (url, prefix) = (self.redis_url.clone(), self.prefix.clone());
+        let (url, prefix, ca) = (
+            self.redis_url.clone(),
+            self.prefix.clone(),
+            self.redis_ca.clone(),
+        );
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -172,7 +179,7 @@ impl Drop for Server {
             runtime.block_on(async move {
                 // Let the server's workers stop before their keys go.
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                let redis = redis_at(&url).await;
+                let redis = redis_with_ca(&url, ca.as_deref()).await;
                 delete_prefix(&redis, &prefix).await;
             });
         })
@@ -189,22 +196,31 @@ pub async fn serve(config: Config) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
+    let internal = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let internal_base = format!("http://{}", internal.local_addr().expect("addr"));
     let redis_url = config.redis_url.expose().to_owned();
+    let redis_ca = config.redis_ca_file.clone();
     let prefix = config.redis_prefix.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        if let Err(e) = tollgate_control_plane::run(config, listener, shutdown).await {
+        if let Err(e) =
+            tollgate_control_plane::run_with_internal(config, listener, internal, shutdown).await
+        {
             panic!("control plane failed: {e}");
         }
     });
     Server {
         base,
+        internal: internal_base,
         stop: Some(stop),
         redis_url,
+        redis_ca,
         prefix,
     }
 }
@@ -316,8 +332,12 @@ pub async fn redis() -> fred::clients::Client {
 }
 
 pub async fn redis_at(url: &str) -> fred::clients::Client {
+    redis_with_ca(url, None).await
+}
+
+pub async fn redis_with_ca(url: &str, ca: Option<&std::path::Path>) -> fred::clients::Client {
     use fred::interfaces::ClientLike;
-    let client = tollgate_control_plane::redis::client(url).expect("redis config");
+    let client = tollgate_control_plane::redis::client_with_ca(url, ca).expect("redis config");
     let mut tries = 0;
     loop {
         match client.init().await {
@@ -343,6 +363,7 @@ pub struct Sidecar {
 pub async fn sidecar(
     config: &Config,
     control_plane: &str,
+    control_plane_internal: &str,
     upstream: &str,
     routes: &str,
 ) -> Sidecar {
@@ -350,12 +371,16 @@ pub async fn sidecar(
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("routes.yaml");
     std::fs::write(&path, routes).expect("routes");
-    let env: BTreeMap<String, String> = [
+    let mut env: BTreeMap<String, String> = [
         ("TOLLGATE_SIDECAR_ROUTES", path.display().to_string()),
         ("TOLLGATE_SIDECAR_UPSTREAM", upstream.to_owned()),
         (
             "TOLLGATE_SIDECAR_CONTROL_PLANE_URL",
             control_plane.to_owned(),
+        ),
+        (
+            "TOLLGATE_SIDECAR_CONTROL_PLANE_INTERNAL_URL",
+            control_plane_internal.to_owned(),
         ),
         ("REDIS_URL", config.redis_url.expose().to_owned()),
         ("TOLLGATE_REDIS_PREFIX", config.redis_prefix.clone()),
@@ -365,6 +390,12 @@ pub async fn sidecar(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
+    if let Some(ca) = &config.redis_ca_file {
+        env.insert(
+            "TOLLGATE_REDIS_CA_FILE".to_owned(),
+            ca.display().to_string(),
+        );
+    }
     let sidecar_config = tollgate_sidecar::config::Config::load(None, &env, Default::default())
         .expect("sidecar config");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -462,7 +493,7 @@ pub async fn delete_prefix(redis: &fred::clients::Client, prefix: &str) {
 /// to it starts a new bucket, which a later pass adds.)
 pub async fn drain_now(config: &Config) -> tollgate_control_plane::ledger::Pass {
     use tollgate_control_plane::ledger::{DrainSettings, Drainer};
-    let db = tollgate_control_plane::db::pool(config.database_url.expose(), 2).expect("pool");
+    let db = tollgate_control_plane::db::pool(config.database_url.expose(), 2, None).expect("pool");
     let drainer = Drainer::new(
         db,
         redis_at(config.redis_url.expose()).await,

@@ -407,6 +407,11 @@ pub fn sidecar_env(
         ("TOLLGATE_SIDECAR_ROUTES", routes.display().to_string()),
         ("TOLLGATE_SIDECAR_UPSTREAM", upstream.to_owned()),
         ("TOLLGATE_SIDECAR_CONTROL_PLANE_URL", cp.url.clone()),
+        // The fake control plane answers the refill call on the same address.
+        (
+            "TOLLGATE_SIDECAR_CONTROL_PLANE_INTERNAL_URL",
+            cp.url.clone(),
+        ),
         ("REDIS_URL", redis_url.to_owned()),
         ("TOLLGATE_REDIS_PREFIX", cp.keys.prefix().to_owned()),
         ("TOLLGATE_SIDECAR_REDIS_TIMEOUT", "500ms".to_owned()),
