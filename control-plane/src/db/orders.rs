@@ -56,7 +56,6 @@ pub struct NewOrder<'a> {
     pub channel: &'a str,
     pub amount: i64,
     pub currency: &'a str,
-    pub idempotency_key: Option<&'a str>,
     pub expires_at: DateTime<Utc>,
 }
 
@@ -66,9 +65,17 @@ pub async fn create(
 ) -> Result<(), DbError> {
     client
         .execute(
-            "INSERT INTO orders (id, user_id, plan_id, channel, amount, currency, idempotency_key, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            &[&o.id, &o.user, &o.plan, &o.channel, &o.amount, &o.currency, &o.idempotency_key, &o.expires_at],
+            "INSERT INTO orders (id, user_id, plan_id, channel, amount, currency, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &o.id,
+                &o.user,
+                &o.plan,
+                &o.channel,
+                &o.amount,
+                &o.currency,
+                &o.expires_at,
+            ],
         )
         .await
         .map_err(DbError::op("insert order"))?;
@@ -99,21 +106,6 @@ pub async fn get(
         .query_opt(&format!("{SELECT} WHERE o.id = $1"), &[&id])
         .await
         .map_err(DbError::op("get order"))?;
-    Ok(row.as_ref().map(OrderRow::from_row))
-}
-
-pub async fn by_idempotency_key(
-    client: &impl tokio_postgres::GenericClient,
-    user: Uuid,
-    key: &str,
-) -> Result<Option<OrderRow>, DbError> {
-    let row = client
-        .query_opt(
-            &format!("{SELECT} WHERE o.user_id = $1 AND o.idempotency_key = $2"),
-            &[&user, &key],
-        )
-        .await
-        .map_err(DbError::op("find order by idempotency key"))?;
     Ok(row.as_ref().map(OrderRow::from_row))
 }
 

@@ -8,6 +8,7 @@ pub mod cursor;
 pub mod dto;
 pub mod error;
 pub mod extract;
+pub mod idempotency;
 mod internal;
 mod metering;
 pub mod openapi;
