@@ -714,6 +714,37 @@ async fn idempotent_orders_one_per_key_and_422_for_another_body() {
         let closed = count_rows(&h.db, "SELECT count(*) FROM orders WHERE status = 'closed'").await;
         assert_eq!(closed, tries);
     }
+
+    // GET /v1/orders lists the caller's three orders, newest first, a page at a time.
+    let first = h
+        .api
+        .get("/v1/orders?limit=2", Cred::Bearer(&h.token))
+        .await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let cursor = first.body["next_cursor"].as_str().expect("a next page");
+    let rest = h
+        .api
+        .get(
+            &format!("/v1/orders?limit=2&cursor={cursor}"),
+            Cred::Bearer(&h.token),
+        )
+        .await;
+    assert!(rest.body["next_cursor"].is_null());
+    let listed: Vec<Value> = [&first.body, &rest.body]
+        .iter()
+        .flat_map(|page| page["items"].as_array().expect("items").clone())
+        .collect();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[2]["id"], answers[0].2["id"], "the oldest last");
+    assert!(listed.iter().take(2).all(|o| o["status"] == "closed"));
+    let (_, stranger, _) = h.api.register("stranger@example.com", PW).await;
+    let theirs = h.api.get("/v1/orders", Cred::Bearer(&stranger)).await;
+    assert_eq!(theirs.body["items"], json!([]), "only one's own orders");
+    let bad = h
+        .api
+        .get("/v1/orders?cursor=nope", Cred::Bearer(&h.token))
+        .await;
+    assert_eq!(bad.status, 400);
 }
 
 async fn count_rows(db: &TestDb, sql: &str) -> i64 {

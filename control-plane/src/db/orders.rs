@@ -109,6 +109,28 @@ pub async fn get(
     Ok(row.as_ref().map(OrderRow::from_row))
 }
 
+/// A user's orders, newest first, after the `(created_at, id)` of the previous page's last one.
+pub async fn list_for_user(
+    client: &impl tokio_postgres::GenericClient,
+    user: Uuid,
+    before: Option<(DateTime<Utc>, String)>,
+    limit: i64,
+) -> Result<Vec<OrderRow>, DbError> {
+    let (at, id) = before.unzip();
+    let rows = client
+        .query(
+            &format!(
+                "{SELECT} WHERE o.user_id = $1
+                   AND ($2::timestamptz IS NULL OR (o.created_at, o.id) < ($2, $3))
+                 ORDER BY o.created_at DESC, o.id DESC LIMIT $4"
+            ),
+            &[&user, &at, &id, &limit],
+        )
+        .await
+        .map_err(DbError::op("list orders"))?;
+    Ok(rows.iter().map(OrderRow::from_row).collect())
+}
+
 /// Locks an order for a state change.
 pub async fn lock(
     tx: &tokio_postgres::Transaction<'_>,

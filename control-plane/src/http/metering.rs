@@ -94,9 +94,9 @@ async fn quota_view(state: &AppState, user: Uuid, app: Option<&str>) -> Result<V
         .filter(|a| !a.is_empty())
         .ok_or_else(|| AppError::invalid("the app query parameter is required"))?;
     let client = state.db.get().await.map_err(DbError::from)?;
-    if !db::catalog::app_exists(&**client, app).await? {
-        return Err(AppError::not_found("no such app"));
-    }
+    let time_zone = db::catalog::app_time_zone(&**client, app)
+        .await?
+        .ok_or_else(|| AppError::not_found("no such app"))?;
     let now = Utc::now();
     let types = db::catalog::quota_types_of(&**client, app).await?;
     let user_state = db::limits::user_state(&**client, user, now)
@@ -137,6 +137,8 @@ async fn quota_view(state: &AppState, user: Uuid, app: Option<&str>) -> Result<V
     }
     Ok(json!({
         "app": app,
+        // Usage periods (days, months) start at midnight here.
+        "time_zone": time_zone,
         "plan": plan.map(|p| json!({
             "id": p.plan_id,
             "name": p.plan_name,

@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::AppState;
+use super::cursor;
+use super::dto::Page;
 use super::error::AppError;
-use super::extract::Json;
+use super::extract::{Json, Query};
 use super::idempotency::Idempotent;
 use crate::auth::AuthUser;
 use crate::db::orders::OrderRow;
@@ -139,6 +141,38 @@ pub async fn create(
         .with_label_values(&["pending"])
         .inc();
     Ok(response)
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/orders`: the caller's orders, newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Page<OrderDto>>, AppError> {
+    let limit = cursor::limit(params.limit)?;
+    let before = params
+        .cursor
+        .as_deref()
+        .map(cursor::decode::<String>)
+        .transpose()?;
+    let client = state.db.get().await.map_err(DbError::from)?;
+    let mut rows = db::orders::list_for_user(&**client, auth.id, before, limit + 1).await?;
+    let next_cursor = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(|o| cursor::encode(o.created_at, &o.id))
+    } else {
+        None
+    };
+    Ok(Json(Page {
+        items: rows.into_iter().map(OrderDto::from).collect(),
+        next_cursor,
+    }))
 }
 
 async fn own_order(state: &AppState, auth: &AuthUser, id: &str) -> Result<OrderRow, AppError> {
