@@ -225,7 +225,7 @@ async fn constraints_refuse_bad_rows() {
     .await;
 }
 
-/// Migration 5 carries the order keys of the last 24 hours into `idempotency_keys`, with the
+/// Migration 7 carries the order keys of the last 24 hours into `idempotency_keys`, with the
 /// order as it was answered, so that a retry in flight across the upgrade gets its order back.
 #[tokio::test]
 async fn order_keys_of_the_last_day_move_to_idempotency_keys() {
@@ -233,7 +233,7 @@ async fn order_keys_of_the_last_day_move_to_idempotency_keys() {
     let client = db.client().await;
     let before: Vec<_> = migrate::MIGRATIONS
         .iter()
-        .filter(|m| m.version < 5)
+        .filter(|m| m.version < 7)
         .collect();
     for m in &before {
         client.batch_execute(m.sql).await.expect(m.name);
@@ -251,12 +251,12 @@ async fn order_keys_of_the_last_day_move_to_idempotency_keys() {
         )
         .await
         .expect("rows of before");
-    let five = migrate::MIGRATIONS
+    let seven = migrate::MIGRATIONS
         .iter()
-        .find(|m| m.version == 5)
-        .expect("migration 5");
+        .find(|m| m.version == 7)
+        .expect("migration 7");
     client
-        .batch_execute(five.sql)
+        .batch_execute(seven.sql)
         .await
         .expect("migration 5 applies");
     let rows = client
