@@ -258,7 +258,7 @@ async fn order_keys_of_the_last_day_move_to_idempotency_keys() {
     client
         .batch_execute(seven.sql)
         .await
-        .expect("migration 5 applies");
+        .expect("migration 7 applies");
     let rows = client
         .query(
             "SELECT key, request, body_hash IS NULL, response_status, convert_from(response_body, 'UTF8')
