@@ -154,10 +154,7 @@ pub async fn run_with_internal(
             )
             .run(),
         ),
-        tokio::spawn(jobs::run_lapses(
-            sync.clone(),
-            std::time::Duration::from_secs(5),
-        )),
+        tokio::spawn(jobs::run(sync.clone(), std::time::Duration::from_secs(5))),
     ];
     let payments = payments::service::Payments::load(&config, sync.clone(), metrics.clone())?;
     let reconciler = tokio::spawn(

@@ -1,5 +1,5 @@
 //! Accounts, tokens, API keys and user administration against real PostgreSQL and Redis: every
-//! row of API.md's tables, and the attacks of issue 3.
+//! row of docs/api.md's tables, and the attacks of issue 3.
 
 mod support;
 

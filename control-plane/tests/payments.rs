@@ -524,7 +524,6 @@ async fn wechat_notifications_verify_signature_time_and_ciphertext() {
                 channel: "wechat_native",
                 amount: 9900,
                 currency: "CNY",
-                idempotency_key: None,
                 expires_at: chrono::Utc::now() + chrono::Duration::minutes(30),
             },
         )
@@ -803,4 +802,107 @@ async fn rejected_records_are_budgeted_per_minute() {
             .get(0);
     // Five a minute; ten if the loop straddled a minute boundary.
     assert!((5..=10).contains(&recorded), "{recorded} recorded");
+}
+
+/// Orders share the admin writes' `Idempotency-Key` mechanism: one order per key and body,
+/// however many retries and however concurrent; another body under the same key is 422.
+#[tokio::test]
+async fn idempotent_orders_one_per_key_and_422_for_another_body() {
+    let h = start().await;
+    let order = |key: &'static str, body: &'static str| {
+        let (api, token) = (&h.api, h.token.clone());
+        async move {
+            let r = api
+                .http
+                .post(format!("{}/v1/orders", api.base))
+                .bearer_auth(token)
+                .header("idempotency-key", key)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("send");
+            let replayed = r.headers().contains_key("idempotent-replayed");
+            (
+                r.status().as_u16(),
+                replayed,
+                r.json::<Value>().await.expect("json"),
+            )
+        }
+    };
+    let body = r#"{"plan_id":"pro","channel":"alipay_page"}"#;
+
+    // Four retries at once: one order, every answer the same.
+    let answers = futures_util::future::join_all((0..4).map(|_| order("buy-1", body))).await;
+    for (status, _, answer) in &answers {
+        assert_eq!(*status, 201, "{answer}");
+        assert_eq!(answer, &answers[0].2, "the first answer, replayed");
+    }
+    assert_eq!(
+        answers.iter().filter(|a| !a.1).count(),
+        1,
+        "one did the work"
+    );
+    assert_eq!(count_rows(&h.db, "SELECT count(*) FROM orders").await, 1);
+
+    // Later, reordered keys: still the first answer, still one order.
+    let (status, replayed, again) =
+        order("buy-1", r#"{"channel": "alipay_page", "plan_id": "pro"}"#).await;
+    assert_eq!((status, replayed), (201, true));
+    assert_eq!(again["id"], answers[0].2["id"]);
+
+    // Another body under the key: 422, whatever the order would have been.
+    let (status, _, refused) = order("buy-1", r#"{"plan_id":"pro","channel":"alipay_wap"}"#).await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["error"]["code"], "idempotency_key_reused");
+    assert_eq!(count_rows(&h.db, "SELECT count(*) FROM orders").await, 1);
+
+    // A gateway that refuses leaves the order closed and the key free: a retry orders again.
+    let wechat = r#"{"plan_id":"pro","channel":"wechat_native"}"#;
+    for tries in 1..=2 {
+        let (status, _, failed) = order("buy-2", wechat).await;
+        assert_eq!(status, 502, "{failed}");
+        let closed = count_rows(&h.db, "SELECT count(*) FROM orders WHERE status = 'closed'").await;
+        assert_eq!(closed, tries);
+    }
+
+    // GET /v1/orders lists the caller's three orders, newest first, a page at a time.
+    let first = h
+        .api
+        .get("/v1/orders?limit=2", Cred::Bearer(&h.token))
+        .await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let cursor = first.body["next_cursor"].as_str().expect("a next page");
+    let rest = h
+        .api
+        .get(
+            &format!("/v1/orders?limit=2&cursor={cursor}"),
+            Cred::Bearer(&h.token),
+        )
+        .await;
+    assert!(rest.body["next_cursor"].is_null());
+    let listed: Vec<Value> = [&first.body, &rest.body]
+        .iter()
+        .flat_map(|page| page["items"].as_array().expect("items").clone())
+        .collect();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[2]["id"], answers[0].2["id"], "the oldest last");
+    assert!(listed.iter().take(2).all(|o| o["status"] == "closed"));
+    let (_, stranger, _) = h.api.register("stranger@example.com", PW).await;
+    let theirs = h.api.get("/v1/orders", Cred::Bearer(&stranger)).await;
+    assert_eq!(theirs.body["items"], json!([]), "only one's own orders");
+    let bad = h
+        .api
+        .get("/v1/orders?cursor=nope", Cred::Bearer(&h.token))
+        .await;
+    assert_eq!(bad.status, 400);
+}
+
+async fn count_rows(db: &TestDb, sql: &str) -> i64 {
+    db.client()
+        .await
+        .query_one(sql, &[])
+        .await
+        .expect("count")
+        .get(0)
 }

@@ -224,3 +224,71 @@ async fn constraints_refuse_bad_rows() {
     )
     .await;
 }
+
+/// Migration 7 carries the order keys of the last 24 hours into `idempotency_keys`, with the
+/// order as it was answered, so that a retry in flight across the upgrade gets its order back.
+#[tokio::test]
+async fn order_keys_of_the_last_day_move_to_idempotency_keys() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let before: Vec<_> = migrate::MIGRATIONS
+        .iter()
+        .filter(|m| m.version < 7)
+        .collect();
+    for m in &before {
+        client.batch_execute(m.sql).await.expect(m.name);
+    }
+    client
+        .batch_execute(
+            "INSERT INTO users (id, email, password_hash) VALUES
+                 ('00000000-0000-0000-0000-000000000001', 'old@example.com', 'x');
+             INSERT INTO plans (id, name, price_amount, currency, period) VALUES ('p', 'P', 100, 'CNY', 'month');
+             INSERT INTO orders (id, user_id, plan_id, channel, amount, currency, idempotency_key, pay_url, expires_at, created_at)
+             VALUES ('TGRECENT', '00000000-0000-0000-0000-000000000001', 'p', 'alipay_page', 100, 'CNY', 'k-recent',
+                     'https://pay.example/x', now() + interval '1 hour', now() - interval '1 hour'),
+                    ('TGOLD', '00000000-0000-0000-0000-000000000001', 'p', 'wechat_native', 100, 'CNY', 'k-old',
+                     NULL, now(), now() - interval '2 days');",
+        )
+        .await
+        .expect("rows of before");
+    let seven = migrate::MIGRATIONS
+        .iter()
+        .find(|m| m.version == 7)
+        .expect("migration 7");
+    client
+        .batch_execute(seven.sql)
+        .await
+        .expect("migration 7 applies");
+    let rows = client
+        .query(
+            "SELECT key, request, body_hash IS NULL, response_status, convert_from(response_body, 'UTF8')
+             FROM idempotency_keys",
+            &[],
+        )
+        .await
+        .expect("keys");
+    assert_eq!(rows.len(), 1, "only the last day's keys");
+    let (key, request, any_body, status, body): (String, String, bool, i16, String) = (
+        rows[0].get(0),
+        rows[0].get(1),
+        rows[0].get(2),
+        rows[0].get(3),
+        rows[0].get(4),
+    );
+    assert_eq!(
+        (key.as_str(), request.as_str(), any_body, status),
+        ("k-recent", "POST /v1/orders", true, 201)
+    );
+    let order: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(order["id"], "TGRECENT");
+    assert_eq!(order["status"], "pending");
+    assert_eq!(
+        order["amount"],
+        serde_json::json!({"amount": 100, "currency": "CNY"})
+    );
+    assert_eq!(order["pay_url"], "https://pay.example/x");
+    assert!(order["paid_at"].is_null() && order.get("code_url").is_none());
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(order["created_at"].as_str().expect("time")).is_ok()
+    );
+}

@@ -30,7 +30,7 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /sim/keys`: the test key material, PEM, as API.md lists it.
+/// `GET /sim/keys`: the test key material, PEM, as paysim/README.md lists it.
 pub async fn keys(State(state): State<Arc<AppState>>) -> Json<Value> {
     let keys = &state.config.keys;
     Json(json!({

@@ -1,4 +1,4 @@
-//! The sidecar table of API.md, end to end: a real sidecar, a real upstream, real Redis (and
+//! The sidecar table of docs/api.md, end to end: a real sidecar, a real upstream, real Redis (and
 //! Redis Cluster when `scripts/test` provides one).
 
 mod support;

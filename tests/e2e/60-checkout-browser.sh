@@ -9,17 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib-stack.sh"
 
 ensure_tools
 [[ -x "$(cargo_bin_dir "${TOLLGATE_PROFILE:-dev}")/tollgate-paysim" ]] || die "tollgate-paysim is not built"
-CHROMIUM=$(command -v chromium || true)
-if [[ -z "$CHROMIUM" ]]; then
-    apt_install chromium
-    CHROMIUM=$(command -v chromium) || die "chromium did not install"
-fi
-command -v node >/dev/null 2>&1 || apt_install nodejs npm
-NODE_DIR="$REPO/target/e2e-node"
-if [[ ! -d "$NODE_DIR/node_modules/playwright-core" ]]; then
-    mkdir -p "$NODE_DIR"
-    (cd "$NODE_DIR" && npm install --silent --no-audit --no-fund playwright-core@1 >&2) || die "npm install playwright-core failed"
-fi
+e2e_browser
 SHOTS="$REPO/target/e2e-screenshots"
 mkdir -p "$SHOTS"
 e2e_up

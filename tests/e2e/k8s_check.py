@@ -365,7 +365,7 @@ def sidecar_app_problems(docs, repo):
 
 
 def exposure_problems(docs):
-    """The sidecar admin port is in no Service; the Ingress routes only /v1, /.well-known and /checkout to
+    """The sidecar admin port is in no Service; the Ingress routes only /v1, /.well-known, /checkout and /account to
     the control plane (never /internal)."""
     problems = []
     admin_names = {"tollgate-admin"}
@@ -387,7 +387,7 @@ def exposure_problems(docs):
                 port = path["backend"]["service"].get("port", {})
                 if port not in ({"name": "http"}, {"number": 80}):
                     problems.append(f"Ingress/{ing['metadata']['name']} routes {p} to port {port}, not http")
-                allowed = p.rstrip("/") in ("/v1", "/.well-known", "/checkout") or p.startswith(("/v1/", "/.well-known/"))
+                allowed = p.rstrip("/") in ("/v1", "/.well-known", "/checkout", "/account") or p.startswith(("/v1/", "/.well-known/"))
                 if not allowed or path.get("pathType") == "ImplementationSpecific":
                     problems.append(f"Ingress/{ing['metadata']['name']} routes {p} ({path.get('pathType')}) to the control plane")
     if not public:

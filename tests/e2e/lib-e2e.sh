@@ -101,3 +101,23 @@ e2e_venv_install() {
         e2e_venv_ready "$check" || die "after pip install $*, this fails in $VENV: $check"
     fi
 }
+
+# e2e_browser: CHROMIUM (Debian's package) and NODE_DIR (playwright-core from npm, under
+# target/; no browser download), installed when missing, for the tests that drive a page.
+e2e_browser() {
+    CHROMIUM=$(command -v chromium || true)
+    if [[ -z "$CHROMIUM" ]]; then
+        apt_install chromium
+        CHROMIUM=$(command -v chromium) || die "chromium did not install"
+    fi
+    command -v node >/dev/null 2>&1 || apt_install nodejs npm
+    NODE_DIR="$REPO/target/e2e-node"
+    e2e_venv_locked e2e_browser_install
+}
+
+e2e_browser_install() {
+    if [[ ! -d "$NODE_DIR/node_modules/playwright-core" ]]; then
+        mkdir -p "$NODE_DIR"
+        (cd "$NODE_DIR" && npm install --silent --no-audit --no-fund playwright-core@1 >&2) || die "npm install playwright-core failed"
+    fi
+}

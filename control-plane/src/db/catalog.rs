@@ -48,6 +48,18 @@ pub async fn app_exists(
         .is_some())
 }
 
+/// An app's business time zone (IANA name), or `None` if there is no such app.
+pub async fn app_time_zone(
+    client: &impl tokio_postgres::GenericClient,
+    app: &str,
+) -> Result<Option<String>, DbError> {
+    Ok(client
+        .query_opt("SELECT time_zone FROM apps WHERE id = $1", &[&app])
+        .await
+        .map_err(DbError::op("find app"))?
+        .map(|r| r.get(0)))
+}
+
 pub async fn quota_types_of(
     client: &impl tokio_postgres::GenericClient,
     app: &str,

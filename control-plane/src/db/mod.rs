@@ -4,6 +4,7 @@
 pub mod api_keys;
 pub mod audit;
 pub mod catalog;
+pub mod idempotency;
 pub mod limits;
 pub mod migrate;
 pub mod orders;

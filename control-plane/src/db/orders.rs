@@ -56,7 +56,6 @@ pub struct NewOrder<'a> {
     pub channel: &'a str,
     pub amount: i64,
     pub currency: &'a str,
-    pub idempotency_key: Option<&'a str>,
     pub expires_at: DateTime<Utc>,
 }
 
@@ -66,9 +65,17 @@ pub async fn create(
 ) -> Result<(), DbError> {
     client
         .execute(
-            "INSERT INTO orders (id, user_id, plan_id, channel, amount, currency, idempotency_key, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            &[&o.id, &o.user, &o.plan, &o.channel, &o.amount, &o.currency, &o.idempotency_key, &o.expires_at],
+            "INSERT INTO orders (id, user_id, plan_id, channel, amount, currency, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &o.id,
+                &o.user,
+                &o.plan,
+                &o.channel,
+                &o.amount,
+                &o.currency,
+                &o.expires_at,
+            ],
         )
         .await
         .map_err(DbError::op("insert order"))?;
@@ -102,19 +109,26 @@ pub async fn get(
     Ok(row.as_ref().map(OrderRow::from_row))
 }
 
-pub async fn by_idempotency_key(
+/// A user's orders, newest first, after the `(created_at, id)` of the previous page's last one.
+pub async fn list_for_user(
     client: &impl tokio_postgres::GenericClient,
     user: Uuid,
-    key: &str,
-) -> Result<Option<OrderRow>, DbError> {
-    let row = client
-        .query_opt(
-            &format!("{SELECT} WHERE o.user_id = $1 AND o.idempotency_key = $2"),
-            &[&user, &key],
+    before: Option<(DateTime<Utc>, String)>,
+    limit: i64,
+) -> Result<Vec<OrderRow>, DbError> {
+    let (at, id) = before.unzip();
+    let rows = client
+        .query(
+            &format!(
+                "{SELECT} WHERE o.user_id = $1
+                   AND ($2::timestamptz IS NULL OR (o.created_at, o.id) < ($2, $3))
+                 ORDER BY o.created_at DESC, o.id DESC LIMIT $4"
+            ),
+            &[&user, &at, &id, &limit],
         )
         .await
-        .map_err(DbError::op("find order by idempotency key"))?;
-    Ok(row.as_ref().map(OrderRow::from_row))
+        .map_err(DbError::op("list orders"))?;
+    Ok(rows.iter().map(OrderRow::from_row).collect())
 }
 
 /// Locks an order for a state change.

@@ -3,7 +3,7 @@
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 
-/// Bounds on a password's length, in characters (API.md).
+/// Bounds on a password's length, in characters (docs/api.md).
 pub const MIN_CHARS: usize = 8;
 pub const MAX_CHARS: usize = 256;
 

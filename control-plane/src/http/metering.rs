@@ -18,6 +18,7 @@ use super::cursor;
 use super::dto::{Items, Page};
 use super::error::AppError;
 use super::extract::{Json, Query};
+use super::idempotency::Idempotent;
 use crate::auth::AuthUser;
 use crate::db::outbox::Topic;
 use crate::db::{self, DbError};
@@ -93,9 +94,9 @@ async fn quota_view(state: &AppState, user: Uuid, app: Option<&str>) -> Result<V
         .filter(|a| !a.is_empty())
         .ok_or_else(|| AppError::invalid("the app query parameter is required"))?;
     let client = state.db.get().await.map_err(DbError::from)?;
-    if !db::catalog::app_exists(&**client, app).await? {
-        return Err(AppError::not_found("no such app"));
-    }
+    let time_zone = db::catalog::app_time_zone(&**client, app)
+        .await?
+        .ok_or_else(|| AppError::not_found("no such app"))?;
     let now = Utc::now();
     let types = db::catalog::quota_types_of(&**client, app).await?;
     let user_state = db::limits::user_state(&**client, user, now)
@@ -146,6 +147,8 @@ async fn quota_view(state: &AppState, user: Uuid, app: Option<&str>) -> Result<V
     }
     Ok(json!({
         "app": app,
+        // Usage periods (days, months) start at midnight here.
+        "time_zone": time_zone,
         "plan": plan.map(|p| json!({
             "id": p.plan_id,
             "name": p.plan_name,
@@ -337,10 +340,11 @@ pub async fn grant(
     State(state): State<AppState>,
     auth: AuthUser,
     Path(id): Path<String>,
-    Json(body): Json<GrantBody>,
+    request: Idempotent<GrantBody>,
 ) -> Result<Response, AppError> {
     auth.require_admin()?;
     let user = path_id(&id)?;
+    let body = &request.body;
     if !(1..=1_000_000_000_000_000).contains(&body.amount) {
         return Err(AppError::invalid("amount must be a positive integer"));
     }
@@ -349,12 +353,15 @@ pub async fn grant(
         return Err(AppError::invalid("reason must be 1 to 500 characters"));
     }
     let mut client = state.db.get().await.map_err(DbError::from)?;
-    let qt = user_and_type(&**client, user, &body.app, &body.quota_type).await?;
-    let bounds = window::bounds(qt.window, Utc::now(), qt.time_zone);
     let tx = client
         .transaction()
         .await
         .map_err(DbError::op("begin grant"))?;
+    if let Some(replay) = request.begin(&tx, auth.id).await? {
+        return Ok(replay);
+    }
+    let qt = user_and_type(&*tx, user, &body.app, &body.quota_type).await?;
+    let bounds = window::bounds(qt.window, Utc::now(), qt.time_zone);
     let (grant_id, created_at) = db::catalog::add_grant(
         &*tx,
         user,
@@ -375,25 +382,25 @@ pub async fn grant(
         &json!({"app": body.app, "type": body.quota_type, "amount": body.amount, "reason": reason}),
     )
     .await?;
+    let answer = json!({
+        "id": grant_id,
+        "app": body.app,
+        "type": body.quota_type,
+        "amount": body.amount,
+        "reason": reason,
+        "window_start": rfc3339(bounds.start),
+        "window_end": bounds.end.map(rfc3339),
+        "created_at": created_at,
+    });
+    let response = request
+        .finish(&tx, auth.id, StatusCode::CREATED, Some(&answer))
+        .await?;
     tx.commit().await.map_err(DbError::op("commit grant"))?;
     if let Err(e) = state.sync.user(user).await {
         tracing::warn!(error = %e, "grant not yet in redis; the outbox will retry");
     }
     state.sync.kick();
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({
-            "id": grant_id,
-            "app": body.app,
-            "type": body.quota_type,
-            "amount": body.amount,
-            "reason": reason,
-            "window_start": rfc3339(bounds.start),
-            "window_end": bounds.end.map(rfc3339),
-            "created_at": created_at,
-        })),
-    )
-        .into_response())
+    Ok(response)
 }
 
 #[derive(Deserialize)]
@@ -407,12 +414,20 @@ pub async fn reset(
     State(state): State<AppState>,
     auth: AuthUser,
     Path(id): Path<String>,
-    Json(body): Json<ResetBody>,
-) -> Result<StatusCode, AppError> {
+    request: Idempotent<ResetBody>,
+) -> Result<Response, AppError> {
     auth.require_admin()?;
     let user = path_id(&id)?;
+    let body = &request.body;
     let mut client = state.db.get().await.map_err(DbError::from)?;
-    let qt = user_and_type(&**client, user, &body.app, &body.quota_type).await?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(DbError::op("begin reset"))?;
+    if let Some(replay) = request.begin(&tx, auth.id).await? {
+        return Ok(replay);
+    }
+    let qt = user_and_type(&*tx, user, &body.app, &body.quota_type).await?;
     let bounds = window::bounds(qt.window, Utc::now(), qt.time_zone);
     let limit = db::limits::Limit {
         app: qt.app,
@@ -422,10 +437,6 @@ pub async fn reset(
         window_start: bounds.start,
         window_end: bounds.end,
     };
-    let tx = client
-        .transaction()
-        .await
-        .map_err(DbError::op("begin reset"))?;
     // Redis inside the transaction: if it fails, nothing is recorded; what it cleared is
     // recorded with the reset, so that a counter rebuilt from the ledger honours it.
     let cleared = state
@@ -443,8 +454,11 @@ pub async fn reset(
         &json!({"app": body.app, "type": body.quota_type, "window_start": rfc3339(bounds.start), "cleared": cleared}),
     )
     .await?;
+    let response = request
+        .finish(&tx, auth.id, StatusCode::NO_CONTENT, None::<&Value>)
+        .await?;
     tx.commit().await.map_err(DbError::op("commit reset"))?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(response)
 }
 
 fn is_slug(s: &str, max: usize) -> bool {
@@ -616,9 +630,10 @@ pub async fn put_plan(
     State(state): State<AppState>,
     auth: AuthUser,
     Path(id): Path<String>,
-    Json(body): Json<PlanBody>,
-) -> Result<Json<PlanDto>, AppError> {
+    request: Idempotent<PlanBody>,
+) -> Result<Response, AppError> {
     auth.require_admin()?;
+    let body = &request.body;
     if !is_slug(&id, 63) {
         return Err(AppError::invalid(
             "plan id must be 1-63 lowercase letters, digits, '_' or '-'",
@@ -642,12 +657,19 @@ pub async fn put_plan(
         return Err(AppError::invalid("the free plan must cost 0"));
     }
     let mut client = state.db.get().await.map_err(DbError::from)?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(DbError::op("begin plan edit"))?;
+    if let Some(replay) = request.begin(&tx, auth.id).await? {
+        return Ok(replay);
+    }
     let mut quotas = Vec::with_capacity(body.quotas.len());
     for q in &body.quotas {
         if q.limit < 0 {
             return Err(AppError::invalid("a quota limit must not be negative"));
         }
-        let qt = db::catalog::quota_type(&**client, &q.app, &q.quota_type)
+        let qt = db::catalog::quota_type(&*tx, &q.app, &q.quota_type)
             .await?
             .ok_or_else(|| {
                 AppError::invalid(format!("unknown quota type {}/{}", q.app, q.quota_type))
@@ -661,15 +683,11 @@ pub async fn put_plan(
         id: id.clone(),
         name: body.name.trim().to_owned(),
         price_amount: body.price.amount,
-        currency: body.price.currency,
-        period: body.period,
+        currency: body.price.currency.clone(),
+        period: body.period.clone(),
         public: body.public,
         quotas: Vec::new(),
     };
-    let tx = client
-        .transaction()
-        .await
-        .map_err(DbError::op("begin plan edit"))?;
     db::catalog::upsert_plan(&tx, &plan, &quotas).await?;
     db::outbox::enqueue(&*tx, Topic::Plan, &id).await?;
     db::audit::record(
@@ -681,10 +699,13 @@ pub async fn put_plan(
         &json!({"name": plan.name, "price": plan.price_amount}),
     )
     .await?;
-    tx.commit().await.map_err(DbError::op("commit plan edit"))?;
-    state.sync.kick();
-    let saved = db::catalog::plan(&**client, &id)
+    let saved = db::catalog::plan(&*tx, &id)
         .await?
         .ok_or_else(|| AppError::internal("plan vanished after saving"))?;
-    Ok(Json(saved.into()))
+    let response = request
+        .finish(&tx, auth.id, StatusCode::OK, Some(&PlanDto::from(saved)))
+        .await?;
+    tx.commit().await.map_err(DbError::op("commit plan edit"))?;
+    state.sync.kick();
+    Ok(response)
 }

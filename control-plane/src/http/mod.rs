@@ -9,10 +9,12 @@ pub mod dto;
 pub mod error;
 pub mod extract;
 pub mod hygiene;
+pub mod idempotency;
 mod internal;
 mod metering;
 pub mod openapi;
 mod ops;
+mod pages;
 mod payments;
 
 use std::sync::Arc;
@@ -60,7 +62,7 @@ struct RouteLabel(String);
 
 /// Registers every route and, from the same table, describes it for the OpenAPI document.
 macro_rules! api_routes {
-    ($router:expr; $( $method:ident $path:literal => $handler:path, $access:ident, $ok:literal $okdesc:literal, $summary:literal $(, query: [$($q:literal),*])? $(, body: $body:literal)? ; )*) => {{
+    ($router:expr; $( $method:ident $path:literal => $handler:path, $access:ident, $ok:literal $okdesc:literal, $summary:literal $(, query: [$($q:literal),*])? $(, body: $body:literal)? $(, idempotent: $idempotent:literal)? ; )*) => {{
         let mut router = $router;
         let mut ops = Vec::new();
         $(
@@ -73,6 +75,7 @@ macro_rules! api_routes {
                 ok: ($ok, $okdesc),
                 query: &[$($($q),*)?],
                 body: concat!("" $(, $body)?),
+                idempotent: false $(|| $idempotent)?,
             });
         )*
         (router, ops)
@@ -101,12 +104,13 @@ pub fn router(state: AppState) -> Router {
         get "/v1/usage" => metering::usage, User, 200 "{items, next_cursor}", "The caller's usage per period and route, newest period first", query: ["app", "type", "route: METHOD /pattern", "granularity: minute|hour|day|month (default day)", "from: RFC 3339", "to: RFC 3339", "limit: 1-200", "cursor: from next_cursor"];
         get "/v1/admin/users/{id}/quota" => metering::admin_user_quota, Admin, 200 "Quota view", "A user's quota view", query: ["app: app id"];
         get "/v1/admin/users/{id}/usage" => metering::admin_user_usage, Admin, 200 "{items, next_cursor}", "A user's usage, as /v1/usage", query: ["app", "type", "route: METHOD /pattern", "granularity: minute|hour|day|month (default day)", "from: RFC 3339", "to: RFC 3339", "limit: 1-200", "cursor: from next_cursor"];
-        post "/v1/admin/users/{id}/grants" => metering::grant, Admin, 201 "The grant", "Add to a user's limit for the current window", body: "{app, type, amount, reason}";
-        post "/v1/admin/users/{id}/reset" => metering::reset, Admin, 204 "Reset", "Set the current window's used to 0", body: "{app, type}";
+        post "/v1/admin/users/{id}/grants" => metering::grant, Admin, 201 "The grant", "Add to a user's limit for the current window", body: "{app, type, amount, reason}", idempotent: true;
+        post "/v1/admin/users/{id}/reset" => metering::reset, Admin, 204 "Reset", "Set the current window's used to 0", body: "{app, type}", idempotent: true;
         post "/v1/admin/apps" => metering::create_app, Admin, 201 "The app", "Register an app", body: "{id, name, time_zone?}";
         post "/v1/admin/apps/{app}/quota-types" => metering::create_quota_type, Admin, 201 "The quota type", "Add a quota type to an app", body: "{key, name, unit, window}";
-        put "/v1/admin/plans/{id}" => metering::put_plan, Admin, 200 "The plan", "Create or replace a plan", body: "{name, price:{amount, currency}, period, public?, quotas:[{app, type, limit}]}";
-        post "/v1/orders" => payments::create, User, 201 "Order", "Order a plan (Idempotency-Key header accepted)", body: "{plan_id, channel}";
+        put "/v1/admin/plans/{id}" => metering::put_plan, Admin, 200 "The plan", "Create or replace a plan", body: "{name, price:{amount, currency}, period, public?, quotas:[{app, type, limit}]}", idempotent: true;
+        get "/v1/orders" => payments::list, User, 200 "{items, next_cursor}", "The caller's orders, newest first", query: ["limit: 1-200", "cursor: from next_cursor"];
+        post "/v1/orders" => payments::create, User, 201 "Order", "Order a plan", body: "{plan_id, channel}", idempotent: true;
         get "/v1/orders/{id}" => payments::get, User, 200 "Order", "An order (what a checkout page polls)";
         get "/v1/orders/{id}/qr.svg" => payments::qr_svg, User, 200 "image/svg+xml", "QR code of a WeChat order's code_url";
         get "/v1/orders/{id}/qr.png" => payments::qr_png, User, 200 "image/png", "QR code of a WeChat order's code_url";
@@ -114,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         post "/v1/payments/wechat/notify" => payments::wechat_notify, Gateway, 204 "Handled", "WeChat Pay v3 notification (signed, AES-256-GCM resource)";
         post "/v1/admin/orders/{id}/refund" => payments::admin_refund, Admin, 200 "Order", "Refund a paid order in full";
         get "/checkout" => payments::checkout, Public, 200 "text/html", "The checkout page";
+        get "/account" => pages::account, Public, 200 "text/html", "The account page: plan, quotas, usage, API keys, orders";
     };
     let document = std::sync::Arc::new(openapi::document(&ops, &state.config.public_url));
     router

@@ -30,6 +30,8 @@ pub struct Op {
     pub query: &'static [&'static str],
     /// What the JSON (or form) body carries; empty for none.
     pub body: &'static str,
+    /// Honours `Idempotency-Key` (docs/api.md, "Idempotent requests").
+    pub idempotent: bool,
 }
 
 fn error_ref() -> Value {
@@ -51,8 +53,16 @@ pub fn document(ops: &[Op], server: &str) -> Value {
             parameters.push(json!({"name": name.trim(), "in": "query", "required": false,
                                    "description": description.trim(), "schema": {"type": "string"}}));
         }
+        if op.idempotent {
+            parameters.push(json!({"name": "Idempotency-Key", "in": "header", "required": false,
+                "description": "1-255 visible ASCII characters; a retry with the same key and body within 24 hours gets the first answer (Idempotent-Replayed: true), another body 422",
+                "schema": {"type": "string", "maxLength": 255}}));
+        }
         let mut responses = Map::new();
         responses.insert(op.ok.0.to_string(), json!({"description": op.ok.1}));
+        if op.idempotent {
+            responses.insert("422".to_owned(), error_ref());
+        }
         let errors: &[u16] = match op.access {
             Access::Public => &[400, 404, 409, 413, 429],
             Access::User => &[400, 401, 404, 413],
@@ -84,7 +94,7 @@ pub fn document(ops: &[Op], server: &str) -> Value {
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Tollgate control plane", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "Users, API keys, plans, quotas, usage, orders and payments. The contract, with examples: docs/api.md in the repository."},
+                 "description": "Users, API keys, plans, quotas, usage, orders and payments. The reference, with status codes, headers and examples, is docs/api.md in the repository."},
         "servers": [{"url": server}],
         "paths": paths,
         "components": {

@@ -9,8 +9,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::AppState;
+use super::cursor;
+use super::dto::Page;
 use super::error::AppError;
-use super::extract::Json;
+use super::extract::{Json, Query};
+use super::idempotency::Idempotent;
 use crate::auth::AuthUser;
 use crate::db::orders::OrderRow;
 use crate::db::{self, DbError};
@@ -64,6 +67,7 @@ impl From<ServiceError> for AppError {
             ServiceError::Db(e) => e.into(),
             ServiceError::NotFound(what) => AppError::not_found(what),
             ServiceError::Invalid(why) => AppError::invalid(why),
+            ServiceError::Gateway(e) => ServiceError::Pay(e).into(),
             ServiceError::Pay(
                 e @ (PayError::Unreachable(_)
                 | PayError::Refused(_)
@@ -92,30 +96,83 @@ pub struct CreateOrder {
 pub async fn create(
     State(state): State<AppState>,
     auth: AuthUser,
-    headers: HeaderMap,
-    Json(body): Json<CreateOrder>,
+    request: Idempotent<CreateOrder>,
 ) -> Result<Response, AppError> {
-    let key = match headers.get("idempotency-key") {
-        Some(v) => {
-            let v = v
-                .to_str()
-                .ok()
-                .filter(|v| !v.is_empty() && v.len() <= 255)
-                .ok_or_else(|| {
-                    AppError::invalid("Idempotency-Key must be 1 to 255 visible characters")
-                })?;
-            Some(v.to_owned())
-        }
-        None => None,
-    };
+    let body = &request.body;
     if body.plan_id.is_empty() || body.plan_id.len() > 63 {
         return Err(AppError::not_found("no such plan for sale"));
     }
-    let order = state
+    let mut client = state.db.get().await.map_err(DbError::from)?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(DbError::op("begin order"))?;
+    if let Some(replay) = request.begin(&tx, auth.id).await? {
+        return Ok(replay);
+    }
+    let order = match state
         .payments
-        .create_order(auth.id, &body.plan_id, &body.channel, key.as_deref())
+        .create_order(&tx, auth.id, &body.plan_id, &body.channel)
+        .await
+    {
+        Ok(order) => order,
+        Err(e) => {
+            if e.keeps_writes() {
+                // The order stays (closed), the key does not: a retry orders afresh.
+                request.release(&tx, auth.id).await?;
+                tx.commit().await.map_err(DbError::op("commit order"))?;
+            }
+            return Err(e.into());
+        }
+    };
+    let response = request
+        .finish(
+            &tx,
+            auth.id,
+            StatusCode::CREATED,
+            Some(&OrderDto::from(order)),
+        )
         .await?;
-    Ok((StatusCode::CREATED, Json(OrderDto::from(order))).into_response())
+    tx.commit().await.map_err(DbError::op("commit order"))?;
+    state
+        .payments
+        .metrics
+        .orders
+        .with_label_values(&["pending"])
+        .inc();
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/orders`: the caller's orders, newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    auth: AuthUser,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Page<OrderDto>>, AppError> {
+    let limit = cursor::limit(params.limit)?;
+    let before = params
+        .cursor
+        .as_deref()
+        .map(cursor::decode::<String>)
+        .transpose()?;
+    let client = state.db.get().await.map_err(DbError::from)?;
+    let mut rows = db::orders::list_for_user(&**client, auth.id, before, limit + 1).await?;
+    let next_cursor = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(|o| cursor::encode(o.created_at, &o.id))
+    } else {
+        None
+    };
+    Ok(Json(Page {
+        items: rows.into_iter().map(OrderDto::from).collect(),
+        next_cursor,
+    }))
 }
 
 async fn own_order(state: &AppState, auth: &AuthUser, id: &str) -> Result<OrderRow, AppError> {

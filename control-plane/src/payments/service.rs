@@ -74,6 +74,16 @@ pub enum ServiceError {
     NotFound(&'static str),
     #[error("{0}")]
     Invalid(String),
+    /// The gateway refused a new order, which was closed: commit what was written.
+    #[error(transparent)]
+    Gateway(PayError),
+}
+
+impl ServiceError {
+    /// Whether the transaction the failed call wrote into must still be committed.
+    pub fn keeps_writes(&self) -> bool {
+        matches!(self, ServiceError::Gateway(_))
+    }
 }
 
 /// What became of a verified payment.
@@ -167,23 +177,18 @@ impl Payments {
         })
     }
 
-    /// Creates a pending order for a priced plan and what its channel needs (a signed pay URL, or
-    /// the WeChat `code_url`). A retried create with the same `Idempotency-Key` returns the same
-    /// order.
+    /// Creates a pending order for a priced plan in `tx`, with what its channel needs (a signed
+    /// pay URL, or the WeChat `code_url`, asked of the gateway while `tx` is open). If the
+    /// gateway refuses, the order is closed in `tx` so that it is never paid, and the error says
+    /// [`keeps_writes`](ServiceError::keeps_writes): commit `tx` anyway.
     pub async fn create_order(
         &self,
+        tx: &tokio_postgres::Transaction<'_>,
         user: Uuid,
         plan_id: &str,
         channel: &str,
-        idempotency_key: Option<&str>,
     ) -> Result<OrderRow, ServiceError> {
-        let client = self.sync.db.get().await.map_err(DbError::from)?;
-        if let Some(key) = idempotency_key
-            && let Some(existing) = db::orders::by_idempotency_key(&**client, user, key).await?
-        {
-            return Ok(existing);
-        }
-        let plan = db::catalog::plan(&**client, plan_id)
+        let plan = db::catalog::plan(tx, plan_id)
             .await?
             .filter(|p| p.public && p.price_amount > 0)
             .ok_or(ServiceError::NotFound("no such plan for sale"))?;
@@ -204,8 +209,8 @@ impl Payments {
         }
         let id = new_order_id();
         let expires_at = Utc::now() + self.order_ttl;
-        let created = db::orders::create(
-            &**client,
+        db::orders::create(
+            tx,
             &db::orders::NewOrder {
                 id: &id,
                 user,
@@ -213,28 +218,15 @@ impl Payments {
                 channel,
                 amount: plan.price_amount,
                 currency: &plan.currency,
-                idempotency_key,
                 expires_at,
             },
         )
-        .await;
-        match created {
-            Ok(()) => {}
-            // Two retries raced: the other one created it.
-            Err(e) if e.unique_violation() == Some("orders_user_id_idempotency_key_key") => {
-                let key = idempotency_key.unwrap_or_default();
-                return db::orders::by_idempotency_key(&**client, user, key)
-                    .await?
-                    .ok_or(ServiceError::NotFound("order vanished"));
-            }
-            Err(e) => return Err(e.into()),
-        }
-        self.metrics.orders.with_label_values(&["pending"]).inc();
+        .await?;
         let subject = format!("Tollgate {}", plan.name);
         if is_alipay {
             if let Some(alipay) = &self.alipay {
                 let url = alipay.pay_url(&id, &subject, plan.price_amount, alipay_wap, expires_at);
-                db::orders::set_payment_target(&**client, &id, Some(&url), None).await?;
+                db::orders::set_payment_target(tx, &id, Some(&url), None).await?;
             }
         } else if let Some(wechat) = &self.wechat {
             match wechat
@@ -242,22 +234,16 @@ impl Payments {
                 .await
             {
                 Ok(code_url) => {
-                    db::orders::set_payment_target(&**client, &id, None, Some(&code_url)).await?
+                    db::orders::set_payment_target(tx, &id, None, Some(&code_url)).await?
                 }
                 Err(e) => {
                     // The gateway has no usable order: close ours so it is never paid.
-                    let mut client = self.sync.db.get().await.map_err(DbError::from)?;
-                    let tx = client
-                        .transaction()
-                        .await
-                        .map_err(DbError::op("begin close"))?;
-                    db::orders::set_status(&tx, &id, "closed", None).await?;
-                    tx.commit().await.map_err(DbError::op("commit close"))?;
-                    return Err(e.into());
+                    db::orders::set_status(tx, &id, "closed", None).await?;
+                    return Err(ServiceError::Gateway(e));
                 }
             }
         }
-        db::orders::get(&**client, &id)
+        db::orders::get(tx, &id)
             .await?
             .ok_or(ServiceError::NotFound("order vanished"))
     }
