@@ -33,12 +33,16 @@ CREATE TABLE usage_months (
     FOREIGN KEY (app_id, quota_key) REFERENCES quota_types (app_id, key) ON DELETE RESTRICT
 );
 
--- Each drain pass stamps the buckets it stages in Redis with its id; the ledger applies a stamp
--- once, so a pass that crashed after its commit and is read again adds nothing. Pruned after the
--- configured retention (a staged bucket is never left undeleted that long).
+-- Each drain pass stamps the buckets it stages in Redis with its id; the ledger applies a staged
+-- bucket — (stamp, shard, minute) — once, so a pass that crashed after its commit and is read
+-- again, or two replicas reading one bucket, add nothing. Pruned after a day (a staged bucket is
+-- taken over within a minute or two while any control plane runs).
 CREATE TABLE usage_drains (
-    stamp      uuid PRIMARY KEY,
-    drained_at timestamptz NOT NULL DEFAULT now()
+    stamp      uuid NOT NULL,
+    shard      smallint NOT NULL,
+    minute     timestamptz NOT NULL,
+    drained_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stamp, shard, minute)
 );
 CREATE INDEX usage_drains_drained_at_idx ON usage_drains (drained_at);
 

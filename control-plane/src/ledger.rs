@@ -102,7 +102,9 @@ struct Staged {
 #[derive(Default)]
 pub struct Staging {
     buckets: Vec<Staged>,
-    entries: Vec<(Uuid, db::usage::Bucket)>,
+    /// Every staged bucket read, valid stamps only.
+    ids: Vec<db::usage::StagedId>,
+    entries: Vec<(db::usage::StagedId, db::usage::Bucket)>,
     malformed: usize,
 }
 
@@ -277,9 +279,10 @@ impl Drainer {
             buckets.extend(claim?);
         }
         self.metrics.usage_backlog.set(buckets.len() as i64);
-        let (entries, malformed) = entries_of(&buckets);
+        let (ids, entries, malformed) = entries_of(&buckets);
         Ok(Staging {
             buckets,
+            ids,
             entries,
             malformed,
         })
@@ -292,7 +295,7 @@ impl Drainer {
             .transaction()
             .await
             .map_err(DbError::op("begin usage drain"))?;
-        let recorded = db::usage::record(&tx, &staging.entries).await?;
+        let recorded = db::usage::record(&tx, &staging.ids, &staging.entries).await?;
         tx.commit()
             .await
             .map_err(DbError::op("commit usage drain"))?;
@@ -367,7 +370,7 @@ impl Drainer {
         let client = self.db.get().await.map_err(DbError::from)?;
         let retention = chrono::Duration::from_std(self.settings.minute_retention)
             .unwrap_or(chrono::Duration::days(35));
-        Ok(db::usage::prune(&**client, now - retention, now - chrono::Duration::days(30)).await?)
+        Ok(db::usage::prune(&**client, now - retention, now - chrono::Duration::days(1)).await?)
     }
 
     pub async fn run(self) {
@@ -413,18 +416,28 @@ fn flat_map(value: Option<Value>) -> HashMap<String, String> {
     map
 }
 
-/// The ledger entries of staged buckets (amount and calls of each user, app, type and route
-/// joined), with their stamps; and how many fields were malformed.
-fn entries_of(staged: &[Staged]) -> (Vec<(Uuid, db::usage::Bucket)>, usize) {
-    // (stamp, minute, user, app, quota type, route) → (amount, calls)
-    type Key = (Uuid, i64, Uuid, String, String, String);
+/// The ids of staged buckets and the ledger entries they hold (amount and calls of each user,
+/// app, type and route joined), each with its bucket's id; and how many fields were malformed.
+#[allow(clippy::type_complexity)]
+fn entries_of(
+    staged: &[Staged],
+) -> (
+    Vec<db::usage::StagedId>,
+    Vec<(db::usage::StagedId, db::usage::Bucket)>,
+    usize,
+) {
+    // (bucket, user, app, quota type, route) → (amount, calls)
+    type Key = (db::usage::StagedId, Uuid, String, String, String);
     let mut out: HashMap<Key, (i64, i64)> = HashMap::new();
+    let mut ids = Vec::with_capacity(staged.len());
     let mut malformed = 0;
     for s in staged {
         let Ok(stamp) = s.stamp.parse::<Uuid>() else {
             malformed += s.fields.len();
             continue;
         };
+        let id = (stamp, s.shard as i16, minute(s.minute_ms));
+        ids.push(id);
         for (field, value) in &s.fields {
             if field.starts_with('_') {
                 // The staging stamp and time.
@@ -435,8 +448,7 @@ fn entries_of(staged: &[Staged]) -> (Vec<(Uuid, db::usage::Bucket)>, usize) {
                 continue;
             };
             let key = (
-                stamp,
-                s.minute_ms,
+                id,
                 f.user,
                 f.app.to_owned(),
                 f.quota_type.to_owned(),
@@ -453,24 +465,22 @@ fn entries_of(staged: &[Staged]) -> (Vec<(Uuid, db::usage::Bucket)>, usize) {
     let entries = out
         .into_iter()
         .filter(|(_, (amount, calls))| *amount != 0 || *calls != 0)
-        .map(
-            |((stamp, minute_ms, user_id, app, quota_type, route), (amount, calls))| {
-                (
-                    stamp,
-                    db::usage::Bucket {
-                        user_id,
-                        minute: minute(minute_ms),
-                        app,
-                        quota_type,
-                        route,
-                        amount,
-                        calls,
-                    },
-                )
-            },
-        )
+        .map(|((id, user_id, app, quota_type, route), (amount, calls))| {
+            (
+                id,
+                db::usage::Bucket {
+                    user_id,
+                    minute: id.2,
+                    app,
+                    quota_type,
+                    route,
+                    amount,
+                    calls,
+                },
+            )
+        })
         .collect();
-    (entries, malformed)
+    (ids, entries, malformed)
 }
 
 #[cfg(test)]
@@ -501,12 +511,14 @@ mod tests {
             stamp: stamp.to_string(),
             fields,
         }];
-        let (entries, malformed) = entries_of(&staged);
+        let (ids, entries, malformed) = entries_of(&staged);
         assert_eq!(malformed, 2);
+        let id = (stamp, 3, minute(1_700_000_040_000));
+        assert_eq!(ids, vec![id]);
         assert_eq!(
             entries,
             vec![(
-                stamp,
+                id,
                 db::usage::Bucket {
                     user_id: user,
                     minute: minute(1_700_000_040_000),

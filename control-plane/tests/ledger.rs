@@ -386,3 +386,96 @@ async fn losing_redis_is_repaired_by_reconcile_with_counters_from_the_ledger() {
     let shared = support::redis().await;
     support::delete_prefix(&shared, &config.redis_prefix).await;
 }
+
+/// A pass that dies before its commit leaves buckets of many shards staged under one stamp; the
+/// pass that takes them over records them in other groups of shards than the dead one had: every
+/// bucket is recorded once, whatever the grouping.
+#[tokio::test]
+async fn buckets_a_dead_pass_left_staged_are_recorded_once_by_whoever_takes_them_over() {
+    use fred::interfaces::HashesInterface;
+    let db = TestDb::migrated().await;
+    let config = config(&db);
+    let keys = Keys::new(config.redis_prefix.clone());
+    let redis = support::redis().await;
+    let pg = db.client().await;
+    // 40 users spread over the shards (and so over the drain's groups of 64 shards), each with
+    // usage in two minutes, written as the sidecars write it.
+    let now = chrono::Utc::now().timestamp_millis();
+    let minutes = [
+        tollgate_common::keys::bucket_start(now - 180_000),
+        tollgate_common::keys::bucket_start(now - 120_000),
+    ];
+    let suffix = tollgate_common::keys::bucket_field::suffix(
+        "idoctor",
+        "api_calls_l3_detect",
+        "POST /l3/{patient}",
+    );
+    let mut users = Vec::new();
+    for i in 0..40 {
+        let user = uuid::Uuid::new_v4();
+        pg.execute(
+            "INSERT INTO users (id, email, password_hash) VALUES ($1, $2, 'x')",
+            &[&user, &format!("u{i}@example.com")],
+        )
+        .await
+        .expect("user");
+        for (j, minute) in minutes.iter().enumerate() {
+            let bucket = keys.bucket(tollgate_common::keys::shard(user), *minute);
+            let calls = (i + j + 1) as i64;
+            let _: () = redis
+                .hset(
+                    bucket,
+                    [
+                        (format!("a:{user}|{suffix}"), (calls * 2).to_string()),
+                        (format!("n:{user}|{suffix}"), calls.to_string()),
+                    ],
+                )
+                .await
+                .expect("bucket");
+        }
+        users.push((user, (2 * i + 3) as i64));
+    }
+    let drainer = || {
+        tollgate_control_plane::ledger::Drainer::new(
+            tollgate_control_plane::db::pool(config.database_url.expose(), 2, None).expect("pool"),
+            redis.clone(),
+            keys.clone(),
+            std::sync::Arc::new(tollgate_control_plane::metrics::Metrics::new()),
+            tollgate_control_plane::ledger::DrainSettings::default(),
+        )
+    };
+    // The dead pass: staged everything under one stamp, recorded nothing.
+    let staged = drainer()
+        .stage(minutes[0] - 60_000, now)
+        .await
+        .expect("stage");
+    let shards: std::collections::HashSet<u16> = users
+        .iter()
+        .map(|(u, _)| tollgate_common::keys::shard(*u))
+        .collect();
+    assert_eq!(staged.len(), 2 * shards.len(), "two minutes of the users' shards");
+    // Two takeovers (the first may find some groups empty): all of it, once.
+    for _ in 0..2 {
+        drainer()
+            .pass_from(minutes[0] - 60_000, now + 60_000)
+            .await
+            .expect("pass");
+    }
+    for (user, calls) in users {
+        let row = pg
+            .query_one(
+                "SELECT COALESCE(sum(amount), 0)::int8, COALESCE(sum(calls), 0)::int8
+                 FROM usage_minutes WHERE user_id = $1",
+                &[&user],
+            )
+            .await
+            .expect("sums");
+        assert_eq!(
+            (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+            (calls * 2, calls),
+            "user {user} in shard {}",
+            tollgate_common::keys::shard(user)
+        );
+    }
+    support::delete_prefix(&redis, &config.redis_prefix).await;
+}

@@ -337,7 +337,7 @@ impl Config {
             problems.push("redis_ca_file", e);
         }
         let redis_prefix = tollgate_common::config::redis_prefix(problems, layer.redis_prefix);
-        let redis_timeout = layer.redis_timeout.unwrap_or(Millis(50));
+        let redis_timeout = layer.redis_timeout.unwrap_or(Millis(250));
         if !(1..=10_000).contains(&redis_timeout.0) {
             problems.push(
                 "redis_timeout",
@@ -446,7 +446,7 @@ mod tests {
         assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(config.fail_mode, FailMode::Closed);
-        assert_eq!(config.redis_timeout, Millis(50));
+        assert_eq!(config.redis_timeout, Millis(250));
     }
 
     #[test]

@@ -99,7 +99,9 @@ pub fn pool(
         .connector(ca_file)
         .map_err(|e| DbError::Invalid(format!("database tls: {e}")))?;
     let config = ManagerConfig {
-        recycling_method: RecyclingMethod::Fast,
+        // Verified: a connection PostgreSQL closed (restart, pg_terminate_backend, failover) is
+        // noticed when it is taken from the pool, not by the request that uses it (a 500).
+        recycling_method: RecyclingMethod::Verified,
     };
     let manager = match connector {
         Some(tls) => Manager::from_config(target.config, tls, config),

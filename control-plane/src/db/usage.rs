@@ -1,7 +1,8 @@
 //! The usage ledger: aggregates per (user, app, quota type, route) and minute (`usage_minutes`)
 //! and per month of the app's time zone (`usage_months`), drained from the sidecars' Redis
-//! buckets. Each drain pass's stamp is applied once (`usage_drains`), so a pass read twice adds
-//! nothing; late additions to a drained minute (refunds) are added to its row.
+//! buckets. Each staged bucket — the stamp of the pass that staged it, its shard and minute — is
+//! applied once (`usage_drains`), so a bucket read twice adds nothing; late additions to a drained
+//! minute (refunds) are added to its row.
 
 use std::collections::HashSet;
 
@@ -34,35 +35,43 @@ pub struct Recorded {
     pub dropped: u64,
 }
 
-/// Records drained buckets, each entry with the stamp of the pass that staged it, in the
-/// caller's transaction. Stamps are claimed in sorted order, so concurrent drainers never
-/// deadlock on them; entries of a stamp another drainer holds wait for its commit and are then
-/// skipped.
+/// One staged bucket: the stamp of the pass that staged it, its shard and minute.
+pub type StagedId = (Uuid, i16, DateTime<Utc>);
+
+/// Records drained buckets in the caller's transaction: `staged` lists every bucket read, and
+/// each entry names the bucket it came from. Buckets are claimed in sorted order, so concurrent
+/// drainers never deadlock on them; entries of a bucket another drainer holds wait for its commit
+/// and are then skipped, as are those of a bucket recorded before.
 pub async fn record(
     tx: &tokio_postgres::Transaction<'_>,
-    entries: &[(Uuid, Bucket)],
+    staged: &[StagedId],
+    entries: &[(StagedId, Bucket)],
 ) -> Result<Recorded, DbError> {
-    let mut stamps: Vec<Uuid> = entries.iter().map(|(s, _)| *s).collect();
-    stamps.sort_unstable();
-    stamps.dedup();
-    if stamps.is_empty() {
+    let mut claims: Vec<StagedId> = staged.to_vec();
+    claims.sort_unstable();
+    claims.dedup();
+    if claims.is_empty() || entries.is_empty() {
         return Ok(Recorded::default());
     }
-    let fresh: HashSet<Uuid> = tx
+    let stamps: Vec<Uuid> = claims.iter().map(|c| c.0).collect();
+    let shards: Vec<i16> = claims.iter().map(|c| c.1).collect();
+    let minutes: Vec<DateTime<Utc>> = claims.iter().map(|c| c.2).collect();
+    let fresh: HashSet<StagedId> = tx
         .query(
-            "INSERT INTO usage_drains (stamp)
-             SELECT s FROM unnest($1::uuid[]) WITH ORDINALITY AS t(s, i) ORDER BY i
-             ON CONFLICT DO NOTHING RETURNING stamp",
-            &[&stamps],
+            "INSERT INTO usage_drains (stamp, shard, minute)
+             SELECT s, h, m FROM unnest($1::uuid[], $2::int2[], $3::timestamptz[])
+                  WITH ORDINALITY AS t(s, h, m, i) ORDER BY i
+             ON CONFLICT DO NOTHING RETURNING stamp, shard, minute",
+            &[&stamps, &shards, &minutes],
         )
         .await
-        .map_err(DbError::op("claim drain stamps"))?
+        .map_err(DbError::op("claim staged buckets"))?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     let apply: Vec<&Bucket> = entries
         .iter()
-        .filter(|(s, _)| fresh.contains(s))
+        .filter(|(id, _)| fresh.contains(id))
         .map(|(_, b)| b)
         .collect();
     let mut out = Recorded {
@@ -159,7 +168,7 @@ pub async fn advance_drain_cursor(
     Ok(())
 }
 
-/// Deletes minute rows older than `minutes_before` and drain stamps older than `stamps_before`,
+/// Deletes minute rows older than `minutes_before` and drain claims older than `stamps_before`,
 /// in slices so no statement holds its locks for long; returns how many rows of each.
 pub async fn prune(
     client: &impl tokio_postgres::GenericClient,
