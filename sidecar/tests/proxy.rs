@@ -480,6 +480,20 @@ async fn redis_down_fails_closed_by_default_and_open_when_configured() {
         metrics.contains("tollgate_sidecar_fail_open_total"),
         "{metrics}"
     );
+    assert!(metrics.contains("decision=\"fail_open\""), "{metrics}");
+    // A refusal's decision label is its error code.
+    let metrics = http()
+        .get(format!("{}/metrics", closed.admin))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("decision=\"quota_backend_unavailable\""),
+        "{metrics}"
+    );
     cp.cleanup().await;
 }
 
