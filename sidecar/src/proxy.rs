@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tollgate_common::error::ErrorBody;
 use tollgate_common::request_id;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::auth::{AuthError, Identity};
@@ -140,12 +141,22 @@ pub async fn handle(
     request: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Response<Body> {
+    let request_id = request_id::choose(
+        request
+            .headers()
+            .get(request_id::HEADER)
+            .map(HeaderValue::as_bytes),
+    );
+    // Every log line of the request, on whatever task, carries its id.
+    let span = tracing::info_span!("request", request_id = %request_id);
     // Tracked, so that shutdown waits for it (lib.rs, `drain`).
-    let task = shared.tasks.spawn(serve(shared.clone(), request, peer));
+    let task = shared
+        .tasks
+        .spawn(serve(shared.clone(), request, peer, request_id).instrument(span.clone()));
     match task.await {
         Ok(response) => response,
         Err(e) => {
-            tracing::error!(error = %e, "request task failed");
+            tracing::error!(parent: &span, error = %e, "request task failed");
             let mut response = Response::new(full_body(
                 ErrorBody::new("internal", "internal error").to_json(),
             ));
@@ -159,11 +170,12 @@ async fn serve(
     shared: Arc<Shared>,
     mut request: Request<RequestBody>,
     peer: SocketAddr,
+    request_id: String,
 ) -> Response<Body> {
     let started = Instant::now();
     shared.metrics.in_flight.inc();
     let table = shared.table.load_full();
-    let mut ctx = early(&table, &mut request);
+    let mut ctx = early(&table, &mut request, request_id);
     let response = match pipeline(&shared, &table, &mut ctx, request, peer).await {
         Ok(response) => response,
         Err(refusal) => {
@@ -181,14 +193,9 @@ async fn serve(
     response
 }
 
-/// Phase 1: request id, route, and no identity header from the client survives.
-fn early(table: &Table, request: &mut Request<RequestBody>) -> Ctx {
-    let request_id = request_id::choose(
-        request
-            .headers()
-            .get(request_id::HEADER)
-            .map(HeaderValue::as_bytes),
-    );
+/// Phase 1: route, and no identity header from the client survives (the request id was chosen
+/// by `handle`, for the request's span).
+fn early(table: &Table, request: &mut Request<RequestBody>, request_id: String) -> Ctx {
     for name in IDENTITY_HEADERS {
         request.headers_mut().remove(name);
     }
