@@ -57,7 +57,7 @@ pub fn hash(key: &str) -> [u8; 32] {
 
 /// Lowercase hex of a hash, as used in Redis keys.
 pub fn hex(hash: &[u8; 32]) -> String {
-    hash.iter().map(|b| format!("{b:02x}")).collect()
+    ::hex::encode(hash)
 }
 
 /// The non-secret start of a key, shown in listings.

@@ -391,13 +391,26 @@ impl Authenticator {
     }
 }
 
-fn decode_hex(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 {
-        return None;
-    }
+fn decode_hex(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
-    }
+    hex::decode_to_slice(text, &mut out).ok()?;
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_hex;
+
+    #[test]
+    fn decode_hex_takes_exactly_64_hex_digits() {
+        let check = |text: &str, expected: Option<[u8; 32]>| {
+            assert_eq!(decode_hex(text), expected, "{text:?}");
+        };
+        check(&"ab".repeat(32), Some([0xab; 32]));
+        check(&"AB".repeat(32), Some([0xab; 32]));
+        check(&"ab".repeat(31), None);
+        check(&"ab".repeat(33), None);
+        check(&format!("+f{}", "ab".repeat(31)), None);
+        check(&"zz".repeat(32), None);
+    }
 }

@@ -42,7 +42,7 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "tollgate_sidecar_requests_total",
-                "Requests by route and decision (allowed, unauthorized, forbidden, rate_limited, quota_exceeded, backend_unavailable, bad_gateway, ...).",
+                "Requests by route and decision (allowed, public, fail_open, or the error code of a refusal: unauthorized, account_disabled, rate_limited, quota_exceeded, quota_backend_unavailable, bad_gateway, ...).",
             ),
             &["route", "decision"],
         )

@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tollgate_common::error::ErrorBody;
 use tollgate_common::request_id;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::auth::{AuthError, Identity};
@@ -69,16 +70,43 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    fn decision(&self) -> &'static str {
+    /// The error code of its answer, which is also its `decision` label in the metrics and the
+    /// access log: one table, so a dashboard and a client name a refusal alike.
+    fn code(&self) -> &'static str {
         match self {
             Refusal::BadPath => "invalid_request",
             Refusal::Unauthorized => "unauthorized",
-            Refusal::AccountDisabled => "forbidden",
+            Refusal::AccountDisabled => "account_disabled",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::QuotaExceeded { .. } => "quota_exceeded",
-            Refusal::BackendUnavailable => "backend_unavailable",
+            Refusal::BackendUnavailable => "quota_backend_unavailable",
             Refusal::BadGateway => "bad_gateway",
             Refusal::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+}
+
+/// How a request ended, as far as the sidecar decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Admitted and counted.
+    Allowed,
+    /// A public route: forwarded without an identity.
+    Public,
+    /// Redis unavailable with `fail_mode = open`: forwarded uncounted.
+    FailOpen,
+    /// Answered by the sidecar itself, with this error code (`Refusal::code`).
+    Refused(&'static str),
+}
+
+impl Outcome {
+    /// The `decision` label of the metrics and the access log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Public => "public",
+            Outcome::FailOpen => "fail_open",
+            Outcome::Refused(code) => code,
         }
     }
 }
@@ -100,7 +128,7 @@ pub struct Ctx {
     pub rates: Vec<(RateLimit, i64, i64)>,
     /// The body is metered as it streams (no Content-Length on a byte-priced route).
     pub reserved: bool,
-    pub decision: &'static str,
+    pub decision: Outcome,
     pub status: u16,
     pub method: String,
     pub path: String,
@@ -113,12 +141,22 @@ pub async fn handle(
     request: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Response<Body> {
+    let request_id = request_id::choose(
+        request
+            .headers()
+            .get(request_id::HEADER)
+            .map(HeaderValue::as_bytes),
+    );
+    // Every log line of the request, on whatever task, carries its id.
+    let span = tracing::info_span!("request", request_id = %request_id);
     // Tracked, so that shutdown waits for it (lib.rs, `drain`).
-    let task = shared.tasks.spawn(serve(shared.clone(), request, peer));
+    let task = shared
+        .tasks
+        .spawn(serve(shared.clone(), request, peer, request_id).instrument(span.clone()));
     match task.await {
         Ok(response) => response,
         Err(e) => {
-            tracing::error!(error = %e, "request task failed");
+            tracing::error!(parent: &span, error = %e, "request task failed");
             let mut response = Response::new(full_body(
                 ErrorBody::new("internal", "internal error").to_json(),
             ));
@@ -132,15 +170,16 @@ async fn serve(
     shared: Arc<Shared>,
     mut request: Request<RequestBody>,
     peer: SocketAddr,
+    request_id: String,
 ) -> Response<Body> {
     let started = Instant::now();
     shared.metrics.in_flight.inc();
     let table = shared.table.load_full();
-    let mut ctx = early(&table, &mut request);
+    let mut ctx = early(&table, &mut request, request_id);
     let response = match pipeline(&shared, &table, &mut ctx, request, peer).await {
         Ok(response) => response,
         Err(refusal) => {
-            ctx.decision = refusal.decision();
+            ctx.decision = Outcome::Refused(refusal.code());
             fail_to_proxy(&ctx, &refusal)
         }
     };
@@ -154,14 +193,9 @@ async fn serve(
     response
 }
 
-/// Phase 1: request id, route, and no identity header from the client survives.
-fn early(table: &Table, request: &mut Request<RequestBody>) -> Ctx {
-    let request_id = request_id::choose(
-        request
-            .headers()
-            .get(request_id::HEADER)
-            .map(HeaderValue::as_bytes),
-    );
+/// Phase 1: route, and no identity header from the client survives (the request id was chosen
+/// by `handle`, for the request's span).
+fn early(table: &Table, request: &mut Request<RequestBody>, request_id: String) -> Ctx {
     for name in IDENTITY_HEADERS {
         request.headers_mut().remove(name);
     }
@@ -180,7 +214,7 @@ fn early(table: &Table, request: &mut Request<RequestBody>) -> Ctx {
         charged: None,
         rates: Vec::new(),
         reserved: false,
-        decision: "allowed",
+        decision: Outcome::Allowed,
         status: 0,
         method: request.method().as_str().to_owned(),
         path: request.uri().path().to_owned(),
@@ -203,7 +237,7 @@ async fn pipeline(
         decide(shared, table, ctx, &request).await?;
     } else {
         request.headers_mut().remove("x-api-key");
-        ctx.decision = "public";
+        ctx.decision = Outcome::Public;
     }
     shared
         .metrics
@@ -339,7 +373,7 @@ async fn decide(
                     .with_label_values(&[&ctx.route.label])
                     .inc();
                 tracing::warn!(request_id = %ctx.request_id, error = %e, "redis unavailable: forwarding uncounted (fail-open)");
-                ctx.decision = "fail_open";
+                ctx.decision = Outcome::FailOpen;
                 ctx.reserved = false;
                 ctx.settle_id.clear();
                 return Ok(());
@@ -524,7 +558,7 @@ async fn forward(
     parts.uri = uri;
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
-    if let Some(identity) = ctx.identity.filter(|_| ctx.decision != "public") {
+    if let Some(identity) = ctx.identity.filter(|_| ctx.decision != Outcome::Public) {
         insert(headers, "x-user-id", &identity.user.to_string());
         insert(headers, "x-auth-method", identity.method.as_str());
         if !ctx.plan.is_empty() {
@@ -821,62 +855,54 @@ fn rate_limit_headers(headers: &mut HeaderMap, rates: &[(RateLimit, i64, i64)]) 
 
 /// The one mapping from a refusal to its answer.
 pub fn fail_to_proxy(ctx: &Ctx, refusal: &Refusal) -> Response<Body> {
-    let (status, body) = match refusal {
+    let (status, message) = match refusal {
         Refusal::BadPath => (
             StatusCode::BAD_REQUEST,
-            ErrorBody::new(
-                "invalid_request",
-                "the path has empty, '.' or '..' segments or percent-encodes a plain character; send it in its normal form",
-            ),
+            "the path has empty, '.' or '..' segments or percent-encodes a plain character; send it in its normal form".to_owned(),
         ),
         Refusal::Unauthorized => (
             StatusCode::UNAUTHORIZED,
-            ErrorBody::new("unauthorized", "missing or invalid credentials"),
+            "missing or invalid credentials".to_owned(),
         ),
-        Refusal::AccountDisabled => (
-            StatusCode::FORBIDDEN,
-            ErrorBody::new("account_disabled", "this account is disabled"),
-        ),
+        Refusal::AccountDisabled => (StatusCode::FORBIDDEN, "this account is disabled".to_owned()),
         Refusal::RateLimited { .. } => (
             StatusCode::TOO_MANY_REQUESTS,
-            ErrorBody::new("rate_limited", "too many requests; slow down"),
+            "too many requests; slow down".to_owned(),
         ),
-        Refusal::QuotaExceeded {
-            quota_type,
-            limit,
-            used,
-            resets_at_ms,
-        } => (
+        Refusal::QuotaExceeded { quota_type, .. } => (
             StatusCode::PAYMENT_REQUIRED,
-            ErrorBody::new(
-                "quota_exceeded",
-                format!("the {quota_type} quota does not cover this request"),
-            )
-            .with_details(json!({
-                "app": &*ctx.app,
-                "type": &**quota_type,
-                "limit": limit,
-                "used": used,
-                "remaining": (limit - used).max(0),
-                "resets_at": rfc3339_ms(*resets_at_ms),
-            })),
+            format!("the {quota_type} quota does not cover this request"),
         ),
         Refusal::BackendUnavailable => (
             StatusCode::SERVICE_UNAVAILABLE,
-            ErrorBody::new(
-                "quota_backend_unavailable",
-                "quota and rate limits cannot be checked right now; try again shortly",
-            ),
+            "quota and rate limits cannot be checked right now; try again shortly".to_owned(),
         ),
         Refusal::BadGateway => (
             StatusCode::BAD_GATEWAY,
-            ErrorBody::new("bad_gateway", "the app could not be reached"),
+            "the app could not be reached".to_owned(),
         ),
         Refusal::UpstreamTimeout => (
             StatusCode::GATEWAY_TIMEOUT,
-            ErrorBody::new("upstream_timeout", "the app did not answer in time"),
+            "the app did not answer in time".to_owned(),
         ),
     };
+    let mut body = ErrorBody::new(refusal.code(), message);
+    if let Refusal::QuotaExceeded {
+        quota_type,
+        limit,
+        used,
+        resets_at_ms,
+    } = refusal
+    {
+        body = body.with_details(json!({
+            "app": &*ctx.app,
+            "type": &**quota_type,
+            "limit": limit,
+            "used": used,
+            "remaining": (limit - used).max(0),
+            "resets_at": rfc3339_ms(*resets_at_ms),
+        }));
+    }
     let mut response = Response::new(full_body(body.to_json()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -901,7 +927,7 @@ fn log(shared: &Shared, ctx: &Ctx, started: Instant) {
     shared
         .metrics
         .requests
-        .with_label_values(&[&ctx.route.label, ctx.decision])
+        .with_label_values(&[&ctx.route.label, ctx.decision.as_str()])
         .inc();
     // The access log: one line per request, the per-call audit trail (docs/quotas.md).
     tracing::info!(
@@ -913,7 +939,7 @@ fn log(shared: &Shared, ctx: &Ctx, started: Instant) {
         user = ctx.identity.map(|i| i.user.to_string()).unwrap_or_default(),
         quota = ctx.route.quota.as_ref().map_or("", |q| &*q.quota_type),
         cost = ctx.charged.as_ref().map_or(0, |c| c.taken),
-        decision = ctx.decision,
+        decision = ctx.decision.as_str(),
         status = ctx.status,
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,
         "request"

@@ -467,9 +467,10 @@ pub fn is_normal_path(path: &str) -> bool {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let decoded = path
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            let decoded = path.get(i + 1..i + 3).and_then(|h| {
+                let mut byte = [0u8; 1];
+                hex::decode_to_slice(h, &mut byte).ok().map(|()| byte[0])
+            });
             match decoded {
                 Some(b)
                     if b.is_ascii_alphanumeric()

@@ -313,9 +313,9 @@ async fn quota_is_taken_and_refunded_on_app_failure() {
 
 #[tokio::test]
 async fn quota_is_taken_and_refunded_on_app_failure_in_cluster() {
-    match support::cluster_url() {
-        Some(url) => quota_and_refunds(&url).await,
-        None => eprintln!("TOLLGATE_TEST_REDIS_CLUSTER_URL not set: cluster variant not run"),
+    if let Some(url) = support::cluster_url("quota_is_taken_and_refunded_on_app_failure_in_cluster")
+    {
+        quota_and_refunds(&url).await;
     }
 }
 
@@ -480,6 +480,20 @@ async fn redis_down_fails_closed_by_default_and_open_when_configured() {
         metrics.contains("tollgate_sidecar_fail_open_total"),
         "{metrics}"
     );
+    assert!(metrics.contains("decision=\"fail_open\""), "{metrics}");
+    // A refusal's decision label is its error code.
+    let metrics = http()
+        .get(format!("{}/metrics", closed.admin))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("decision=\"quota_backend_unavailable\""),
+        "{metrics}"
+    );
     cp.cleanup().await;
 }
 
@@ -568,9 +582,10 @@ async fn concurrent_requests_over_two_sidecars_admit_exactly_the_remaining() {
 
 #[tokio::test]
 async fn concurrent_requests_over_two_sidecars_admit_exactly_the_remaining_in_cluster() {
-    match support::cluster_url() {
-        Some(url) => exactly_min_n_r_across_two_sidecars(&url).await,
-        None => eprintln!("TOLLGATE_TEST_REDIS_CLUSTER_URL not set: cluster variant not run"),
+    if let Some(url) = support::cluster_url(
+        "concurrent_requests_over_two_sidecars_admit_exactly_the_remaining_in_cluster",
+    ) {
+        exactly_min_n_r_across_two_sidecars(&url).await;
     }
 }
 

@@ -1,5 +1,6 @@
 //! The binary: a bad routes file is refused at start (with line numbers) and on SIGHUP (the old
-//! routes stay in force); a good one is taken on SIGHUP without a restart.
+//! routes stay in force); a good one is taken on SIGHUP without a restart. Its JSON log lines of
+//! a request carry the request's span, with the request id.
 
 mod support;
 
@@ -64,6 +65,7 @@ async fn sighup_reloads_good_files_and_refuses_bad_ones() {
                 "TOLLGATE_SIDECAR_ADMIN_LISTEN",
                 &format!("127.0.0.1:{admin}"),
             ),
+            ("TOLLGATE_LOG_FORMAT", "json"),
         ],
     );
     let mut child = Command::new(BIN)
@@ -89,6 +91,13 @@ async fn sighup_reloads_good_files_and_refuses_bad_ones() {
     assert!(ready, "sidecar did not become ready");
     let health = || http.get(format!("http://127.0.0.1:{port}/health")).send();
     assert_eq!(health().await.expect("health").status(), 200);
+    let traced = http
+        .get(format!("http://127.0.0.1:{port}/health"))
+        .header("x-request-id", "span-check-1")
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(traced.status(), 200);
 
     let hup = |pid: u32| {
         let status = Command::new("kill")
@@ -149,5 +158,13 @@ async fn sighup_reloads_good_files_and_refuses_bad_ones() {
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("routes file refused"), "{stderr}");
     assert!(stderr.contains("line 3 (route 1)"), "{stderr}");
+    // The request's lines carry its id through the request's span (JSON logs name the span).
+    let access = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["message"] == "request" && line["request_id"] == "span-check-1")
+        .unwrap_or_else(|| panic!("no access-log line for span-check-1: {stderr}"));
+    assert_eq!(access["span"]["name"], "request", "{access}");
+    assert_eq!(access["span"]["request_id"], "span-check-1", "{access}");
     cp.cleanup().await;
 }

@@ -57,7 +57,7 @@ impl Throttle {
     /// something that is not an email.
     fn redis_keys(&self, account: &str, client: IpAddr) -> Vec<String> {
         let digest = Sha256::digest(account.as_bytes());
-        let account: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let account = hex::encode(digest);
         let client = client_id(client);
         vec![
             self.keys.login_failures_pair(&account, &client),

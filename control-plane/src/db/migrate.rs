@@ -36,10 +36,7 @@ pub async fn run(client: &mut tokio_postgres::Client) -> Result<Vec<i64>, DbErro
 }
 
 fn checksum(sql: &str) -> String {
-    Sha256::digest(sql.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(sql.as_bytes()))
 }
 
 async fn apply_pending(client: &mut tokio_postgres::Client) -> Result<Vec<i64>, DbError> {

@@ -116,6 +116,11 @@ pub fn pool(
         .map_err(|e| DbError::Invalid(format!("database pool: {e}")))
 }
 
+/// The readiness check's round trip (`/readyz`): the driver's own error, which the check reports.
+pub async fn ping(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    client.simple_query("SELECT 1").await.map(drop)
+}
+
 /// Opens one dedicated connection (not from the pool), for work that holds session state such
 /// as the migration lock.
 pub async fn connect(database_url: &str) -> Result<tokio_postgres::Client, DbError> {

@@ -81,6 +81,32 @@ pub async fn activate(
     Ok(row.get(0))
 }
 
+/// Ends the period a refunded order bought, if it is the user's active one, and puts the user
+/// back on `free`. Returns whether a period ended.
+pub async fn end_refunded(
+    tx: &tokio_postgres::Transaction<'_>,
+    order: &str,
+    user: Uuid,
+) -> Result<bool, DbError> {
+    let ended = tx
+        .execute(
+            "UPDATE subscriptions SET status = 'refunded', updated_at = now()
+             WHERE source_order_id = $1 AND status = 'active'",
+            &[&order],
+        )
+        .await
+        .map_err(DbError::op("end refunded subscription"))?;
+    if ended > 0 {
+        tx.execute(
+            "INSERT INTO subscriptions (user_id, plan_id) VALUES ($1, 'free')",
+            &[&user],
+        )
+        .await
+        .map_err(DbError::op("back to free"))?;
+    }
+    Ok(ended > 0)
+}
+
 /// Ends paid periods that are over and puts those users back on `free`; returns them.
 pub async fn lapse(tx: &tokio_postgres::Transaction<'_>) -> Result<Vec<Uuid>, DbError> {
     let rows = tx

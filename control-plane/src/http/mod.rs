@@ -28,6 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use deadpool_postgres::Pool;
 use tollgate_common::request_id;
+use tracing::Instrument;
 
 use crate::auth::Hasher;
 use crate::auth::jwt::Tokens;
@@ -198,7 +199,9 @@ async fn observe(State(state): State<AppState>, mut request: Request, next: Next
     request.extensions_mut().insert(RequestId(id.clone()));
     let method = request.method().clone();
 
-    let mut response = next.run(request).await.into_response();
+    // Every log line of the request carries its id (JSON logs include the current span).
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response = next.run(request).instrument(span).await.into_response();
 
     let route = response
         .extensions()

@@ -38,10 +38,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 async fn check_postgres(state: &AppState) -> Result<(), String> {
     let check = async {
         let client = state.db.get().await.map_err(|e| e.to_string())?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map_err(|e| e.to_string())?;
+        crate::db::ping(&client).await.map_err(|e| e.to_string())?;
         Ok(())
     };
     tokio::time::timeout(CHECK_TIMEOUT, check)

@@ -334,10 +334,7 @@ async fn read_body(request: Request, limit: usize) -> (HeaderMap, Delivery) {
 
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(bytes))
 }
 
 /// A delivery that did not verify (or could not be read): counted, logged, and — within this

@@ -463,22 +463,7 @@ impl Payments {
         db::orders::lock(&tx, &order.id).await?;
         db::orders::set_status(&tx, &order.id, "refunded", None).await?;
         // The period this order bought ends now; the user is back on free.
-        let ended = tx
-            .execute(
-                "UPDATE subscriptions SET status = 'refunded', updated_at = now()
-                 WHERE source_order_id = $1 AND status = 'active'",
-                &[&order.id],
-            )
-            .await
-            .map_err(DbError::op("end refunded subscription"))?;
-        if ended > 0 {
-            tx.execute(
-                "INSERT INTO subscriptions (user_id, plan_id) VALUES ($1, 'free')",
-                &[&order.user_id],
-            )
-            .await
-            .map_err(DbError::op("back to free"))?;
-        }
+        db::subscriptions::end_refunded(&tx, &order.id, order.user_id).await?;
         db::outbox::enqueue(&*tx, Topic::User, &order.user_id.to_string()).await?;
         db::audit::record(
             &*tx,
