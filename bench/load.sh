@@ -58,7 +58,9 @@
 #   BENCH_USAGE_CLOSE_GRACE_S [10]  the drain's close grace (TOLLGATE_USAGE_CLOSE_GRACE)
 #   BENCH_PEER_SECONDS [10]  BENCH_PEER_USERS [1000]  per throughput point of the peers phase
 #   BENCH_PEER_REQUESTS [1000]  BENCH_PEER_REMAINING [100]  BENCH_PEER_ROUNDS [5]  accuracy test
-#   BENCH_PEER_SYSTEMS ["tollgate,limitador,limitador_cached"]
+#   BENCH_PEER_SYSTEMS ["tollgate,limitador"]  add limitador_cached (CachedRedisStorage) by hand: in the
+#                         run of 2026-11-30 its first throughput point never finished (no CPU, no
+#                         progress for 7 minutes), so it is not in the default set
 #   BENCH_NOISE_LIMIT [0.2]  cores other processes may use during a run before it is repeated
 #   BENCH_MAX_SECONDS [3600]  hard bound on every process this script starts
 #   DATABASE_URL [postgres://postgres@127.0.0.1:5432/tollgate]  server for the throwaway database
@@ -739,7 +741,7 @@ if phase peers; then
         --users "${BENCH_PEER_USERS:-1000}" --seconds "${BENCH_PEER_SECONDS:-10}" \
         --concurrency "$SWEEP" --requests "${BENCH_PEER_REQUESTS:-1000}" \
         --remaining "${BENCH_PEER_REMAINING:-100}" --rounds "${BENCH_PEER_ROUNDS:-5}" \
-        --systems "${BENCH_PEER_SYSTEMS:-tollgate,limitador,limitador_cached}" --clk-tck "$CLK_TCK" \
+        --systems "${BENCH_PEER_SYSTEMS:-tollgate,limitador}" --clk-tck "$CLK_TCK" \
         >"$TMP/peers.jsonl" 2>"$TMP/peers.log" || die "tollgate-peers failed: $(tail -n 5 "$TMP/peers.log")"
     resume_cp
 fi

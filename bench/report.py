@@ -600,7 +600,7 @@ def write(args):
         "X-Forwarded-For/-Proto and X-Request-Id set, access log on (the sidecar logs every request too).")
     add(f"- Sidecar: `tollgate-sidecar` with `demo/idoctor/routes.yaml`, its per-user limit raised to "
         f"`rate: 1000, burst: 100000` (so that it never refuses the benchmark), settle window "
-        f"{meta.get('settle_s', '10')} s, everything else default (fail-closed, 50 ms Redis timeout, one "
+        f"{meta.get('settle_s', '10')} s, everything else default (fail-closed, 250 ms Redis timeout, one "
         f"JSON log line per request to a file).")
     add(f"- Set-up through the control plane's API: `tollgate-control-plane migrate`, `seed`, `serve`; "
         f"`admin create`; per user `POST /v1/auth/register`, `POST /v1/api-keys`, "
