@@ -436,7 +436,7 @@ delete_prefixed_keys() {
 
 # start_redis_cluster DIR: a throwaway three-master Redis Cluster on free ports under DIR, for
 # the cluster variants of the quota tests. Sets REDIS_CLUSTER_URL (redis-cluster://...).
-start_redis_cluster() {
+start_redis_cluster_once() {
     local dir=$1 ports=() p i
     command -v redis-server >/dev/null 2>&1 || apt_install redis-server
     mkdir -p "$dir"
@@ -461,7 +461,7 @@ start_redis_cluster() {
         done
     done
     redis-cli --cluster create "${ports[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes >"$dir/create.log" 2>&1 ||
-        die "could not create the test Redis Cluster (see $dir/create.log)"
+        return 1
     for i in $(seq 1 100); do
         if redis-cli -p "${ports[0]}" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; then
             REDIS_CLUSTER_URL="redis-cluster://127.0.0.1:${ports[0]}"
@@ -469,8 +469,21 @@ start_redis_cluster() {
         fi
         sleep 0.2
     done
-    die "the test Redis Cluster did not become ready"
+    return 1
 }
+
+# start_redis_cluster DIR: start_redis_cluster_once, tried up to three times on fresh ports (a
+# port picked as free can be taken by another process before the node binds it).
+start_redis_cluster() {
+    local dir=$1 attempt
+    for attempt in 1 2 3; do
+        start_redis_cluster_once "$dir" && return 0
+        info "the test Redis Cluster did not come up (attempt $attempt): $(tail -n 3 "$dir/create.log" 2>/dev/null | tr '\n' ' ')"
+        stop_redis_cluster "$dir"
+    done
+    die "could not create the test Redis Cluster (three attempts)"
+}
+
 
 # stop_redis_cluster DIR: stops the cluster start_redis_cluster made there and removes it.
 stop_redis_cluster() {
