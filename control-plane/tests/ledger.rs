@@ -453,7 +453,11 @@ async fn buckets_a_dead_pass_left_staged_are_recorded_once_by_whoever_takes_them
         .iter()
         .map(|(u, _)| tollgate_common::keys::shard(*u))
         .collect();
-    assert_eq!(staged.len(), 2 * shards.len(), "two minutes of the users' shards");
+    assert_eq!(
+        staged.len(),
+        2 * shards.len(),
+        "two minutes of the users' shards"
+    );
     // Two takeovers (the first may find some groups empty): all of it, once.
     for _ in 0..2 {
         drainer()

@@ -16,23 +16,7 @@ use super::error::AppError;
 /// Percent-decodes `raw` (`+` stays a `+`: only what would change the bytes matters) and says
 /// whether the result is UTF-8 text free of control characters.
 fn clean(raw: &str) -> bool {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && bytes[i + 1].is_ascii_hexdigit()
-            && bytes[i + 2].is_ascii_hexdigit()
-        {
-            let hex = |b: u8| (b as char).to_digit(16).unwrap_or(0) as u8;
-            out.push(hex(bytes[i + 1]) * 16 + hex(bytes[i + 2]));
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
+    let out: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
     std::str::from_utf8(&out).is_ok_and(|text| !text.chars().any(char::is_control))
 }
 
