@@ -468,28 +468,14 @@ async fn redis_down_fails_closed_by_default_and_open_when_configured() {
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), before + 1);
     let ready = send(http().get(format!("{}/readyz", closed.admin))).await;
     assert_eq!(ready.status, 503);
-    let metrics = http()
-        .get(format!("{}/metrics", open.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&open).await;
     assert!(
         metrics.contains("tollgate_sidecar_fail_open_total"),
         "{metrics}"
     );
     assert!(metrics.contains("decision=\"fail_open\""), "{metrics}");
     // A refusal's decision label is its error code.
-    let metrics = http()
-        .get(format!("{}/metrics", closed.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&closed).await;
     assert!(
         metrics.contains("decision=\"quota_backend_unavailable\""),
         "{metrics}"
@@ -613,14 +599,7 @@ async fn admin_listener_serves_ops_and_the_proxy_does_not() {
             .bearer_auth(cp.token(user)),
     )
     .await;
-    let metrics = http()
-        .get(format!("{}/metrics", sc.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics_text(&sc).await;
     for name in [
         "tollgate_sidecar_requests_total",
         "tollgate_sidecar_decision_duration_seconds",
@@ -701,17 +680,23 @@ async fn refunds_do_not_depend_on_the_clients_request_id() {
     cp.cleanup().await;
 }
 
-/// The value of one series in the sidecar's metrics, 0 if absent.
-async fn metric(sc: &support::Sidecar, series: &str) -> f64 {
-    let text = http()
+/// The sidecar's `/metrics` page.
+async fn metrics_text(sc: &support::Sidecar) -> String {
+    http()
         .get(format!("{}/metrics", sc.admin))
         .send()
         .await
         .expect("metrics")
         .text()
         .await
-        .expect("text");
-    text.lines()
+        .expect("text")
+}
+
+/// The value of one series in the sidecar's metrics, 0 if absent.
+async fn metric(sc: &support::Sidecar, series: &str) -> f64 {
+    metrics_text(sc)
+        .await
+        .lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)
 }
