@@ -586,6 +586,17 @@ cargo_env() {
     if [[ -d "$REPO/.sqlx" && -z "${SQLX_OFFLINE+set}" ]]; then
         export SQLX_OFFLINE=true
     fi
+    # A one-shot build (CI) gains nothing from incremental caches, which roughly double the size
+    # of target/; a CI run once failed with "No space left on device" inside them.
+    if [[ -n "${CI:-}" && -z "${CARGO_INCREMENTAL+set}" ]]; then
+        export CARGO_INCREMENTAL=0
+    fi
+    local target_dir=${CARGO_TARGET_DIR:-$REPO/target} free_kb
+    mkdir -p "$target_dir" 2>/dev/null || true
+    free_kb=$(df -Pk "$target_dir" 2>/dev/null | awk 'NR == 2 { print $4 }')
+    if [[ -n "$free_kb" && "$free_kb" -lt 6000000 ]]; then
+        warn "only $((free_kb / 1024)) MiB free under $target_dir; a full build and test run needs about 6 GiB"
+    fi
 }
 
 # cargo_bin_dir PROFILE: where cargo puts that profile's binaries (honours CARGO_TARGET_DIR
