@@ -73,6 +73,9 @@
 #   BENCH_CP_PROFILE [release]  the control plane's cargo profile ("control plane draining as in
 #                         production"; dev only to compare with older figures)
 #   BENCH_PERF [1]        profile the sidecar with `perf record` in one extra run, if perf exists
+#                         (BENCH_ONLY=profile: that run alone; BENCH_PERF_CALLGRAPH=1 adds call chains)
+#   BENCH_SIDECAR_ENV     extra NAME=VALUE settings for the sidecar, space-separated, to compare
+#                         settings (e.g. "TOLLGATE_SIDECAR_WORKER_THREADS=1")
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -101,7 +104,7 @@ GRANT=100000000
 # phase NAME: whether BENCH_ONLY selects it.
 phase() { [[ $PHASES == *" $1 "* ]]; }
 for p in $PHASES; do
-    [[ " runs sweep refusal peers scale " == *" $p "* ]] || { echo "unknown phase in BENCH_ONLY: $p" >&2; exit 2; }
+    [[ " runs sweep refusal peers scale profile " == *" $p "* ]] || { echo "unknown phase in BENCH_ONLY: $p" >&2; exit 2; }
 done
 
 log() { printf '[load %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -376,7 +379,7 @@ start sidecar env REDIS_URL="$REDIS_URL" TOLLGATE_REDIS_PREFIX="$PREFIX" \
     TOLLGATE_SIDECAR_CONTROL_PLANE_URL="$CP_URL" \
     TOLLGATE_SIDECAR_CONTROL_PLANE_INTERNAL_URL="http://127.0.0.1:$CP_INTERNAL_PORT" \
     TOLLGATE_SIDECAR_SETTLE_WINDOW="${SETTLE_S}s" \
-    "$SIDECAR_BIN"
+    ${BENCH_SIDECAR_ENV:-} "$SIDECAR_BIN"
 wait_http "http://127.0.0.1:$ADMIN_PORT/readyz" 60
 log "sidecar ready on 127.0.0.1:$SIDECAR_PORT"
 
@@ -749,7 +752,7 @@ fi
 # The sidecar's CPU profile: a flat cpu-clock profile (perf needs no hardware counters for that)
 # of one more JWT run at saturation, not counted above.
 PROFILE=""
-if phase runs && [[ "${BENCH_PERF:-1}" == 1 ]] && command -v perf >/dev/null 2>&1; then
+if { phase runs || phase profile; } && [[ "${BENCH_PERF:-1}" == 1 ]] && command -v perf >/dev/null 2>&1; then
     dir="$TMP/runs/profile"
     mkdir -p "$dir"
     log "profile: perf record of the sidecar during ${DURATION}s of jwt/max"
@@ -757,9 +760,14 @@ if phase runs && [[ "${BENCH_PERF:-1}" == 1 ]] && command -v perf >/dev/null 2>&
         -s "$BENCH/wrk.lua" "$SIDECAR_URL" >"$dir/wrk.txt" 2>&1 &
     wrk_pid=$!
     sleep 1
-    if timeout -k 5 $((DURATION + 30)) perf record -q -F 499 -e cpu-clock -p "$sidecar_PID" \
-        -o "$dir/perf.data" -- sleep "$DURATION" >"$dir/perf-record.log" 2>&1; then
-        perf report -i "$dir/perf.data" --stdio --no-children --sort sym --percent-limit 0 \
+    # BENCH_PERF_CALLGRAPH=1: with call chains (DWARF unwinding), to see who calls a hot symbol.
+    graph=() report=(--no-children --sort sym --percent-limit 0)
+    if [[ "${BENCH_PERF_CALLGRAPH:-0}" == 1 ]]; then
+        graph=(--call-graph dwarf,32768) report=(--children --sort sym --percent-limit 0.5)
+    fi
+    if timeout -k 5 $((DURATION + 30)) perf record -q -F 499 -e cpu-clock "${graph[@]}" \
+        -p "$sidecar_PID" -o "$dir/perf.data" -- sleep "$DURATION" >"$dir/perf-record.log" 2>&1; then
+        perf report -i "$dir/perf.data" --stdio "${report[@]}" \
             >"$dir/perf.txt" 2>/dev/null && PROFILE="$dir/perf.txt"
     fi
     wait "$wrk_pid" || true

@@ -39,6 +39,9 @@ pub fn init(format: LogFormat, filter: &str) -> LogGuard {
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            // The request span is the only one a line is ever inside: its fields once, under
+            // "span", not again in a list of all open spans.
+            .with_span_list(false)
             .try_init(),
         LogFormat::Text => builder.with_ansi(false).try_init(),
     };
