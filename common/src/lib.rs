@@ -7,6 +7,7 @@ pub mod claims;
 pub mod config;
 pub mod error;
 pub mod keys;
+pub mod protocol;
 pub mod request_id;
 pub mod telemetry;
 pub mod tls;

@@ -105,18 +105,17 @@ impl Quota {
             limit_field: user_field::quota(app, quota_type),
             counter_field: user_field::counter(app, quota_type),
             bucket_suffix: bucket_field::suffix(app, quota_type, label),
-            window: AtomicU8::new(Window::Month as u8),
+            window: AtomicU8::new(Window::Month.index()),
         }
     }
 
     /// The window the next decision should send bounds for.
     pub fn window(&self) -> Window {
-        let i = self.window.load(Ordering::Relaxed) as usize;
-        Window::ALL.get(i).copied().unwrap_or(Window::Month)
+        Window::from_index(self.window.load(Ordering::Relaxed)).unwrap_or(Window::Month)
     }
 
     pub fn learn_window(&self, window: Window) {
-        self.window.store(window as u8, Ordering::Relaxed);
+        self.window.store(window.index(), Ordering::Relaxed);
     }
 }
 
