@@ -6,6 +6,7 @@ pub mod api_key;
 pub mod claims;
 pub mod config;
 pub mod error;
+pub mod ids;
 pub mod keys;
 pub mod protocol;
 pub mod request_id;

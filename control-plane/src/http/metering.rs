@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use fred::interfaces::HashesInterface;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tollgate_common::ids;
 use tollgate_common::keys::user_field;
 use tollgate_common::window::{self, Window};
 use uuid::Uuid;
@@ -461,16 +462,6 @@ pub async fn reset(
     Ok(response)
 }
 
-fn is_slug(s: &str, max: usize) -> bool {
-    !s.is_empty()
-        && s.len() <= max
-        && s.bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
 fn check_name(name: &str) -> Result<(), AppError> {
     if name.trim().is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
         return Err(AppError::invalid("name must be 1 to 200 characters"));
@@ -491,7 +482,7 @@ pub async fn create_app(
     Json(body): Json<AppBody>,
 ) -> Result<Response, AppError> {
     auth.require_admin()?;
-    if !is_slug(&body.id, 63) {
+    if !ids::is_id(&body.id) {
         return Err(AppError::invalid(
             "id must be 1-63 lowercase letters, digits, '_' or '-'",
         ));
@@ -543,7 +534,7 @@ pub async fn create_quota_type(
     Json(body): Json<QuotaTypeBody>,
 ) -> Result<Response, AppError> {
     auth.require_admin()?;
-    if !is_slug(&body.key, 63) || body.key.contains('-') {
+    if !ids::is_quota_type_key(&body.key) {
         return Err(AppError::invalid(
             "key must be 1-63 lowercase letters, digits or '_'",
         ));
@@ -634,7 +625,7 @@ pub async fn put_plan(
 ) -> Result<Response, AppError> {
     auth.require_admin()?;
     let body = &request.body;
-    if !is_slug(&id, 63) {
+    if !ids::is_id(&id) {
         return Err(AppError::invalid(
             "plan id must be 1-63 lowercase letters, digits, '_' or '-'",
         ));
