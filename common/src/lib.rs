@@ -9,6 +9,7 @@ pub mod error;
 pub mod ids;
 pub mod keys;
 pub mod protocol;
+pub mod quota;
 pub mod request_id;
 pub mod telemetry;
 pub mod tls;

@@ -19,8 +19,8 @@ use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use serde_json::json;
 use tollgate_common::error::ErrorBody;
+use tollgate_common::quota::{self, QuotaStatus};
 use tollgate_common::request_id;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -806,19 +806,19 @@ fn respond(ctx: &Ctx, response: Response<Incoming>) -> Response<Body> {
             "x-quota-remaining",
             &charged.remaining.max(0).to_string(),
         );
-        if let Some(reset) = rfc3339_ms(charged.resets_at_ms) {
-            insert(h, "x-quota-reset", &reset);
+        if let Some(reset) = reset_time(charged.resets_at_ms) {
+            insert(h, "x-quota-reset", &quota::rfc3339(reset));
         }
     }
     rate_limit_headers(&mut parts.headers, &ctx.rates);
     Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
 }
 
-fn rfc3339_ms(ms: i64) -> Option<String> {
+/// When a window that ends at `ms` resets; `None` for a lifetime quota (0).
+fn reset_time(ms: i64) -> Option<chrono::DateTime<chrono::Utc>> {
     (ms > 0)
         .then(|| chrono::DateTime::from_timestamp_millis(ms))
         .flatten()
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
 /// `RateLimit-Policy: "per-second";q=100;w=1` and `RateLimit: "per-second";r=97;t=1`
@@ -894,14 +894,8 @@ pub fn fail_to_proxy(ctx: &Ctx, refusal: &Refusal) -> Response<Body> {
         resets_at_ms,
     } = refusal
     {
-        body = body.with_details(json!({
-            "app": &*ctx.app,
-            "type": &**quota_type,
-            "limit": limit,
-            "used": used,
-            "remaining": (limit - used).max(0),
-            "resets_at": rfc3339_ms(*resets_at_ms),
-        }));
+        let status = QuotaStatus::new(quota_type, *limit, *used, reset_time(*resets_at_ms));
+        body = body.with_details(status.of_app(&ctx.app).to_json());
     }
     let mut response = Response::new(full_body(body.to_json()));
     *response.status_mut() = status;

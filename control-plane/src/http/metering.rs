@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tollgate_common::ids;
 use tollgate_common::keys::user_field;
+use tollgate_common::quota::{QuotaAbout, QuotaStatus};
 use tollgate_common::window::{self, Window};
 use uuid::Uuid;
 
@@ -115,7 +116,7 @@ async fn quota_view(state: &AppState, user: Uuid, app: Option<&str>) -> Result<V
         state.sync.user(user).await.map_err(AppError::unavailable)?;
     }
     let mut quotas = Vec::with_capacity(types.len());
-    for qt in types {
+    for qt in &types {
         let bounds = window::bounds(qt.window, now, qt.time_zone);
         let limit = user_state
             .limits
@@ -135,16 +136,13 @@ async fn quota_view(state: &AppState, user: Uuid, app: Option<&str>) -> Result<V
             Some((used, start)) if start == bounds.start.timestamp_millis() => used,
             _ => 0,
         };
-        quotas.push(json!({
-            "type": qt.key,
-            "name": qt.name,
-            "unit": qt.unit,
-            "window": qt.window.as_str(),
-            "limit": limit,
-            "used": used,
-            "remaining": (limit - used).max(0),
-            "resets_at": bounds.end.map(rfc3339),
-        }));
+        quotas.push(
+            QuotaStatus::new(&qt.key, limit, used, bounds.end).about(QuotaAbout {
+                name: &qt.name,
+                unit: &qt.unit,
+                window: qt.window,
+            }),
+        );
     }
     Ok(json!({
         "app": app,
