@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 /// Algorithm of Tollgate's own access tokens.
 pub const ALGORITHM: &str = "EdDSA";
 
+/// Access tokens longer than this are refused before they are parsed, by both programs.
+pub const MAX_TOKEN_BYTES: usize = 4096;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessClaims {
     /// The user id.

@@ -18,6 +18,8 @@ pub enum Window {
 }
 
 impl Window {
+    /// Every window, in declaration order: `ALL[w.index()] == w`, so a window fits in one
+    /// atomic byte (the sidecar's learnt window of a quota) and indexes per-window arrays.
     pub const ALL: [Window; 6] = [
         Window::Minute,
         Window::Hour,
@@ -40,6 +42,16 @@ impl Window {
 
     pub fn parse(s: &str) -> Option<Window> {
         Window::ALL.into_iter().find(|w| w.as_str() == s)
+    }
+
+    /// Its position in [`Window::ALL`].
+    pub fn index(self) -> u8 {
+        self as u8
+    }
+
+    /// The window at `index` in [`Window::ALL`].
+    pub fn from_index(index: u8) -> Option<Window> {
+        Window::ALL.get(usize::from(index)).copied()
     }
 }
 
@@ -148,7 +160,7 @@ impl BoundsCache {
         if window == Window::Lifetime {
             return (0, 0);
         }
-        let i = window as usize;
+        let i = usize::from(window.index());
         let end = self.end[i].load(Acquire);
         let start = self.start[i].load(Acquire);
         if start <= now_ms && now_ms < end {
@@ -354,7 +366,9 @@ mod tests {
     fn names_round_trip() {
         for w in Window::ALL {
             assert_eq!(Window::parse(w.as_str()), Some(w));
+            assert_eq!(Window::from_index(w.index()), Some(w));
         }
+        assert_eq!(Window::from_index(Window::ALL.len() as u8), None);
         assert_eq!(Window::parse("week"), None);
     }
 }

@@ -16,6 +16,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::Notify;
 use tollgate_common::api_key;
 use tollgate_common::keys::{CacheEvent, Keys, api_key_field, user_field};
+use tollgate_common::protocol;
 use uuid::Uuid;
 
 use crate::db::outbox::Topic;
@@ -129,13 +130,23 @@ impl Syncer {
                 user_field::counter_value(used, limit.window_start.timestamp_millis()),
             ));
         }
-        let mut args: Vec<String> = vec![
-            state.status.clone(),
-            state.role.clone(),
-            state.tokens_valid_after.to_string(),
-            state.plan.clone().unwrap_or_default(),
-            state.limits.len().to_string(),
+        let fields = [
+            (user_field::STATUS, state.status.clone()),
+            (user_field::ROLE, state.role.clone()),
+            (
+                user_field::TOKENS_VALID_AFTER,
+                state.tokens_valid_after.to_string(),
+            ),
+            (user_field::PLAN, state.plan.clone().unwrap_or_default()),
         ];
+        let mut args: Vec<String> = vec![
+            user_field::QUOTA_PREFIX.to_owned(),
+            (fields.len() + state.limits.len()).to_string(),
+        ];
+        for (field, value) in fields {
+            args.push(field.to_owned());
+            args.push(value);
+        }
         for limit in &state.limits {
             args.push(user_field::quota(&limit.app, &limit.quota_type));
             args.push(user_field::quota_value(limit.limit, limit.window));
@@ -368,7 +379,6 @@ impl Syncer {
 
     /// Notes a use of an API key (batched into PostgreSQL by `flush_key_use`).
     pub async fn note_key_use(&self, key: Uuid) -> Result<(), SyncError> {
-        let now = chrono::Utc::now().timestamp() as f64;
         self.redis
             .zadd::<(), _, _>(
                 self.keys.api_key_last_used(),
@@ -376,7 +386,7 @@ impl Syncer {
                 Some(fred::types::sorted_sets::Ordering::GreaterThan),
                 false,
                 false,
-                (now, key.to_string()),
+                protocol::key_use(key, chrono::Utc::now().timestamp()),
             )
             .await?;
         Ok(())

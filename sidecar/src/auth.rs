@@ -16,15 +16,13 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use quick_cache::sync::Cache;
 use sha2::{Digest, Sha256};
 use tollgate_common::api_key;
-use tollgate_common::claims::AccessClaims;
+use tollgate_common::claims::{AccessClaims, MAX_TOKEN_BYTES};
 use uuid::Uuid;
 
 use crate::HttpClient;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
-/// Tokens longer than this are refused before parsing.
-pub const MAX_TOKEN_BYTES: usize = 4096;
 const LEEWAY_SECONDS: u64 = 30;
 /// Signature algorithms accepted: asymmetric only, never `none` or HMAC.
 const ALLOWED: [Algorithm; 5] = [

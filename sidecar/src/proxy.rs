@@ -19,8 +19,8 @@ use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use serde_json::json;
 use tollgate_common::error::ErrorBody;
+use tollgate_common::quota::{self, QuotaStatus};
 use tollgate_common::request_id;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -113,12 +113,15 @@ impl Outcome {
 
 /// What the phases learn about one request.
 pub struct Ctx {
+    /// The request's `X-Request-Id` (the client's if sane, else a new one): for the logs, the app
+    /// and the answer. Never used to name anything in Redis, since a client chooses it.
     pub request_id: String,
     pub route: Route,
     pub app: Arc<str>,
     pub identity: Option<Identity>,
     pub plan: String,
-    /// The sidecar's own id of a metered request: its settle marker in Redis.
+    /// The sidecar's own id of a metered request (`new_settle_id`, once per decision), naming its
+    /// settle marker in Redis; empty for a request without one.
     pub settle_id: String,
     /// The `now` (ms) its decision was made with.
     pub decided_ms: i64,
@@ -173,7 +176,7 @@ async fn serve(
     request_id: String,
 ) -> Response<Body> {
     let started = Instant::now();
-    shared.metrics.in_flight.inc();
+    let _in_flight = InFlight::enter(&shared.metrics.in_flight);
     let table = shared.table.load_full();
     let mut ctx = early(&table, &mut request, request_id);
     let response = match pipeline(&shared, &table, &mut ctx, request, peer).await {
@@ -189,8 +192,24 @@ async fn serve(
     }
     ctx.status = response.status().as_u16();
     log(&shared, &ctx, started);
-    shared.metrics.in_flight.dec();
     response
+}
+
+/// Counts a request in the in-flight gauge for as long as it lives: dropped on every return, and
+/// on a panic, which `handle` turns into a 500.
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a prometheus::IntGauge) -> InFlight<'a> {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Phase 1: route, and no identity header from the client survives (the request id was chosen
@@ -806,19 +825,19 @@ fn respond(ctx: &Ctx, response: Response<Incoming>) -> Response<Body> {
             "x-quota-remaining",
             &charged.remaining.max(0).to_string(),
         );
-        if let Some(reset) = rfc3339_ms(charged.resets_at_ms) {
-            insert(h, "x-quota-reset", &reset);
+        if let Some(reset) = reset_time(charged.resets_at_ms) {
+            insert(h, "x-quota-reset", &quota::rfc3339(reset));
         }
     }
     rate_limit_headers(&mut parts.headers, &ctx.rates);
     Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
 }
 
-fn rfc3339_ms(ms: i64) -> Option<String> {
+/// When a window that ends at `ms` resets; `None` for a lifetime quota (0).
+fn reset_time(ms: i64) -> Option<chrono::DateTime<chrono::Utc>> {
     (ms > 0)
         .then(|| chrono::DateTime::from_timestamp_millis(ms))
         .flatten()
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
 /// `RateLimit-Policy: "per-second";q=100;w=1` and `RateLimit: "per-second";r=97;t=1`
@@ -894,14 +913,8 @@ pub fn fail_to_proxy(ctx: &Ctx, refusal: &Refusal) -> Response<Body> {
         resets_at_ms,
     } = refusal
     {
-        body = body.with_details(json!({
-            "app": &*ctx.app,
-            "type": &**quota_type,
-            "limit": limit,
-            "used": used,
-            "remaining": (limit - used).max(0),
-            "resets_at": rfc3339_ms(*resets_at_ms),
-        }));
+        let status = QuotaStatus::new(quota_type, *limit, *used, reset_time(*resets_at_ms));
+        body = body.with_details(status.of_app(&ctx.app).to_json());
     }
     let mut response = Response::new(full_body(body.to_json()));
     *response.status_mut() = status;
@@ -1144,3 +1157,25 @@ impl Drop for MeteredBody {
 
 /// How long a request may wait for the control plane to write a missing user's limits.
 pub const REFILL_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_in_flight_gauge_comes_down_on_return_and_on_panic() {
+        let gauge = prometheus::IntGauge::new("in_flight", "test").expect("gauge");
+        {
+            let _a = InFlight::enter(&gauge);
+            let _b = InFlight::enter(&gauge);
+            assert_eq!(gauge.get(), 2);
+        }
+        assert_eq!(gauge.get(), 0);
+        let panicked = std::panic::catch_unwind(|| {
+            let _in_flight = InFlight::enter(&gauge);
+            panic!("a request that panics");
+        });
+        assert!(panicked.is_err());
+        assert_eq!(gauge.get(), 0);
+    }
+}

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use chrono_tz::Tz;
 use http::Method;
 use serde::Deserialize;
+use tollgate_common::ids;
 use tollgate_common::keys::{bucket_field, user_field};
 use tollgate_common::window::Window;
 
@@ -105,18 +106,17 @@ impl Quota {
             limit_field: user_field::quota(app, quota_type),
             counter_field: user_field::counter(app, quota_type),
             bucket_suffix: bucket_field::suffix(app, quota_type, label),
-            window: AtomicU8::new(Window::Month as u8),
+            window: AtomicU8::new(Window::Month.index()),
         }
     }
 
     /// The window the next decision should send bounds for.
     pub fn window(&self) -> Window {
-        let i = self.window.load(Ordering::Relaxed) as usize;
-        Window::ALL.get(i).copied().unwrap_or(Window::Month)
+        Window::from_index(self.window.load(Ordering::Relaxed)).unwrap_or(Window::Month)
     }
 
     pub fn learn_window(&self, window: Window) {
-        self.window.store(window as u8, Ordering::Relaxed);
+        self.window.store(window.index(), Ordering::Relaxed);
     }
 }
 
@@ -280,15 +280,9 @@ impl Routes {
         })?;
         let lines = route_lines(text);
         let mut problems = Vec::new();
-        let app_ok = !spec.app.is_empty()
-            && spec.app.len() <= 63
-            && spec
-                .app
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if !app_ok {
+        if !ids::is_id(&spec.app) {
             problems.push(format!(
-                "{origin}: app {:?} must be an app id (lowercase letters, digits, '_', '-')",
+                "{origin}: app {:?} must be an app id (1-63 lowercase letters, digits, '_' or '-', starting with a letter or digit)",
                 spec.app
             ));
         }
@@ -359,12 +353,10 @@ impl Routes {
                     None
                 }
                 (Some(q), cost) => {
-                    if q.is_empty()
-                        || !q
-                            .bytes()
-                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-                    {
-                        problems.push(format!("{at}: quota {q:?} must be a quota type key"));
+                    if !ids::is_quota_type_key(q) {
+                        problems.push(format!(
+                            "{at}: quota {q:?} must be a quota type key (1-63 lowercase letters, digits or '_', starting with a letter or digit)"
+                        ));
                     }
                     let cost = match cost {
                         None => Cost::Fixed(1),
@@ -630,6 +622,16 @@ mod tests {
             lines[4].starts_with("r.yaml line 11 (route 4): a public route"),
             "{lines:?}"
         );
+    }
+
+    #[test]
+    fn ids_no_database_row_can_have_are_refused() {
+        for (app, quota) in [("-x", "calls"), ("x", "_calls"), ("x", "storage-bytes")] {
+            let text =
+                format!("app: {app:?}\nroutes:\n  - {{method: GET, path: /a, quota: {quota:?}}}\n");
+            let err = Routes::parse("r.yaml", &text).expect_err("invalid id");
+            assert_eq!(err.0.len(), 1, "{:?}", err.0);
+        }
     }
 
     #[test]

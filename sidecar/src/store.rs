@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use tollgate_common::keys::{self, Keys, api_key_field};
+use tollgate_common::protocol::{self, charge_mode, decide_reply, settle_mode};
 use tollgate_common::window::{BoundsCache, Window};
 use uuid::Uuid;
 
@@ -244,7 +245,12 @@ impl Store {
             args.push(quota.counter_field.as_str().into());
             args.push(quota.bucket_suffix.as_str().into());
             args.push(clamp(charge.cost).into());
-            args.push(if charge.reserve { "reserve" } else { "fixed" }.into());
+            let mode = if charge.reserve {
+                charge_mode::RESERVE
+            } else {
+                charge_mode::FIXED
+            };
+            args.push(mode.into());
             args.push(window.as_str().into());
             args.push(start.into());
             args.push(end.into());
@@ -276,7 +282,12 @@ impl Store {
                 .bucket(keys::shard(user), keys::bucket_start(input.decided_ms)),
         ];
         let args: Vec<Value> = vec![
-            if input.refund { "refund" } else { "commit" }.into(),
+            if input.refund {
+                settle_mode::REFUND
+            } else {
+                settle_mode::COMMIT
+            }
+            .into(),
             input.quota.counter_field.as_str().into(),
             user.to_string().into(),
             input.quota.bucket_suffix.as_str().into(),
@@ -373,7 +384,7 @@ impl Store {
                 Some(fred::types::sorted_sets::Ordering::GreaterThan),
                 false,
                 false,
-                (now.timestamp() as f64, key_id.to_string()),
+                protocol::key_use(key_id, now.timestamp()),
             )
             .await
             .map_err(op("note key use"))
@@ -415,42 +426,48 @@ fn parse_decision(out: &[String], metered: bool, rates: usize) -> Result<Reply, 
         out.get(i).and_then(|v| v.parse().ok()).ok_or_else(bad)
     };
     let decision = match out.first().map(String::as_str) {
-        Some("missing") => Decision::Missing,
-        Some("disabled") => Decision::Disabled,
-        Some("revoked") => Decision::Revoked,
-        Some("cancelled") => Decision::Cancelled,
-        Some("rate_limited") => Decision::RateLimited {
+        Some(decide_reply::MISSING) => Decision::Missing,
+        Some(decide_reply::DISABLED) => Decision::Disabled,
+        Some(decide_reply::REVOKED) => Decision::Revoked,
+        Some(decide_reply::CANCELLED) => Decision::Cancelled,
+        Some(decide_reply::RATE_LIMITED) => Decision::RateLimited {
             rule: usize::try_from(num(1)?)
                 .map_err(|_| bad())?
                 .saturating_sub(1),
             retry_after_ms: num(2)?,
         },
-        Some("quota_exceeded") => Decision::QuotaExceeded {
+        Some(decide_reply::QUOTA_EXCEEDED) => Decision::QuotaExceeded {
             limit: num(1)?,
             used: num(2)?,
             resets_at_ms: num(3)?,
         },
-        Some("window") => {
+        Some(decide_reply::WINDOW) => {
             let window = out.get(1).and_then(|w| Window::parse(w)).ok_or_else(bad)?;
             return Ok(Reply::Window(window));
         }
-        Some("ok") if out.len() == 7 + 2 * rates => Decision::Admitted {
-            plan: out.get(1).cloned().unwrap_or_default(),
-            charged: if metered {
-                Some(Charged {
-                    limit: num(2)?,
-                    remaining: num(3)?,
-                    resets_at_ms: num(4)?,
-                    taken: num(5)?,
-                    window_start_ms: num(6)?,
-                })
-            } else {
-                None
-            },
-            rates: (0..rates)
-                .map(|i| Ok((num(7 + i * 2)?, num(8 + i * 2)?)))
-                .collect::<Result<_, StoreError>>()?,
-        },
+        Some(decide_reply::OK) if out.len() == decide_reply::OK_HEAD + 2 * rates => {
+            Decision::Admitted {
+                plan: out.get(1).cloned().unwrap_or_default(),
+                charged: if metered {
+                    Some(Charged {
+                        limit: num(2)?,
+                        remaining: num(3)?,
+                        resets_at_ms: num(4)?,
+                        taken: num(5)?,
+                        window_start_ms: num(6)?,
+                    })
+                } else {
+                    None
+                },
+                rates: (0..rates)
+                    .map(|i| {
+                        let at = decide_reply::OK_HEAD + i * 2;
+                        Ok((num(at)?, num(at + 1)?))
+                    })
+                    .collect::<Result<_, StoreError>>()?,
+            }
+        }
+        // Anything else, an `ok` of the wrong length included, is a fault: never an admission.
         _ => return Err(bad()),
     };
     Ok(Reply::Decided(decision))

@@ -3,15 +3,13 @@
 use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, Header, Validation};
-use tollgate_common::claims::AccessClaims;
+use tollgate_common::claims::{AccessClaims, MAX_TOKEN_BYTES};
 use uuid::Uuid;
 
 use super::signing::KeyRing;
 
 /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds.
 pub const LEEWAY_SECONDS: u64 = 30;
-/// Tokens longer than this are refused before parsing.
-pub const MAX_TOKEN_BYTES: usize = 4096;
 
 #[derive(Clone)]
 pub struct Tokens {

@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use fred::interfaces::HashesInterface;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tollgate_common::ids;
 use tollgate_common::keys::user_field;
+use tollgate_common::quota::{QuotaAbout, QuotaStatus};
 use tollgate_common::window::{self, Window};
 use uuid::Uuid;
 
@@ -114,7 +116,7 @@ async fn quota_view(state: &AppState, user: Uuid, app: Option<&str>) -> Result<V
         state.sync.user(user).await.map_err(AppError::unavailable)?;
     }
     let mut quotas = Vec::with_capacity(types.len());
-    for qt in types {
+    for qt in &types {
         let bounds = window::bounds(qt.window, now, qt.time_zone);
         let limit = user_state
             .limits
@@ -134,16 +136,13 @@ async fn quota_view(state: &AppState, user: Uuid, app: Option<&str>) -> Result<V
             Some((used, start)) if start == bounds.start.timestamp_millis() => used,
             _ => 0,
         };
-        quotas.push(json!({
-            "type": qt.key,
-            "name": qt.name,
-            "unit": qt.unit,
-            "window": qt.window.as_str(),
-            "limit": limit,
-            "used": used,
-            "remaining": (limit - used).max(0),
-            "resets_at": bounds.end.map(rfc3339),
-        }));
+        quotas.push(
+            QuotaStatus::new(&qt.key, limit, used, bounds.end).about(QuotaAbout {
+                name: &qt.name,
+                unit: &qt.unit,
+                window: qt.window,
+            }),
+        );
     }
     Ok(json!({
         "app": app,
@@ -461,16 +460,6 @@ pub async fn reset(
     Ok(response)
 }
 
-fn is_slug(s: &str, max: usize) -> bool {
-    !s.is_empty()
-        && s.len() <= max
-        && s.bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
 fn check_name(name: &str) -> Result<(), AppError> {
     if name.trim().is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
         return Err(AppError::invalid("name must be 1 to 200 characters"));
@@ -491,7 +480,7 @@ pub async fn create_app(
     Json(body): Json<AppBody>,
 ) -> Result<Response, AppError> {
     auth.require_admin()?;
-    if !is_slug(&body.id, 63) {
+    if !ids::is_id(&body.id) {
         return Err(AppError::invalid(
             "id must be 1-63 lowercase letters, digits, '_' or '-'",
         ));
@@ -543,7 +532,7 @@ pub async fn create_quota_type(
     Json(body): Json<QuotaTypeBody>,
 ) -> Result<Response, AppError> {
     auth.require_admin()?;
-    if !is_slug(&body.key, 63) || body.key.contains('-') {
+    if !ids::is_quota_type_key(&body.key) {
         return Err(AppError::invalid(
             "key must be 1-63 lowercase letters, digits or '_'",
         ));
@@ -634,7 +623,7 @@ pub async fn put_plan(
 ) -> Result<Response, AppError> {
     auth.require_admin()?;
     let body = &request.body;
-    if !is_slug(&id, 63) {
+    if !ids::is_id(&id) {
         return Err(AppError::invalid(
             "plan id must be 1-63 lowercase letters, digits, '_' or '-'",
         ));
