@@ -1,6 +1,7 @@
 //! Tollgate's control plane as a library: `main.rs` parses the command line and calls in here;
 //! tests start the same [`run`] on `127.0.0.1:0`.
 
+pub mod app;
 pub mod auth;
 pub mod config;
 pub mod db;
@@ -154,9 +155,14 @@ pub async fn run_with_internal(
             )
             .run(),
         ),
-        tokio::spawn(jobs::run(sync.clone(), std::time::Duration::from_secs(5))),
+        tokio::spawn(jobs::run(
+            db.clone(),
+            sync.clone(),
+            std::time::Duration::from_secs(5),
+        )),
     ];
-    let payments = payments::service::Payments::load(&config, sync.clone(), metrics.clone())?;
+    let payments =
+        payments::service::Payments::load(&config, db.clone(), sync.clone(), metrics.clone())?;
     let reconciler = tokio::spawn(
         payments
             .clone()

@@ -7,6 +7,8 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::domain::payments::{Channel, NotificationResult, OrderStatus};
+
 pub struct Metrics {
     registry: Registry,
     pub http_requests: IntCounterVec,
@@ -88,14 +90,18 @@ impl Metrics {
             &["channel"],
         );
         // Known label values are created up front so dashboards and alerts see zeros, not gaps.
-        for channel in ["alipay", "wechat"] {
-            for result in ["processed", "duplicate", "rejected"] {
-                payment_notifications.with_label_values(&[channel, result]);
+        for channel in Channel::ALL.iter().map(|c| c.as_str()) {
+            for result in [
+                NotificationResult::Processed,
+                NotificationResult::Duplicate,
+                NotificationResult::Rejected,
+            ] {
+                payment_notifications.with_label_values(&[channel, result.as_str()]);
             }
             reconcile_paid_found.with_label_values(&[channel]);
         }
-        for status in ["pending", "paid", "closed", "refunded"] {
-            orders.with_label_values(&[status]);
+        for status in OrderStatus::ALL {
+            orders.with_label_values(&[status.as_str()]);
         }
         for collector in [
             Box::new(payment_notifications.clone()) as Box<dyn prometheus::core::Collector>,

@@ -40,7 +40,7 @@ fn api_key_hex(hash: &[u8]) -> String {
 
 #[derive(Clone)]
 pub struct Syncer {
-    pub db: Pool,
+    db: Pool,
     pub redis: RedisClient,
     pub keys: Keys,
     kick: Arc<Notify>,

@@ -521,7 +521,7 @@ async fn wechat_notifications_verify_signature_time_and_ciphertext() {
                 id: &order,
                 user,
                 plan: "pro",
-                channel: "wechat_native",
+                channel: tollgate_control_plane::domain::payments::PayMethod::WechatNative,
                 amount: 9900,
                 currency: "CNY",
                 expires_at: chrono::Utc::now() + chrono::Duration::minutes(30),

@@ -124,9 +124,9 @@ async fn missed_notifications_expired_orders_and_refunds() {
         .await
         .expect("connect");
     let keys = tollgate_common::keys::Keys::new(config.redis_prefix.clone());
-    let syncer = tollgate_control_plane::sync::Syncer::new(pool, redis, keys);
+    let syncer = tollgate_control_plane::sync::Syncer::new(pool.clone(), redis, keys);
     let metrics = Arc::new(tollgate_control_plane::metrics::Metrics::new());
-    let mut payments = Payments::load(&config, syncer, metrics.clone()).expect("payments");
+    let mut payments = Payments::load(&config, pool, syncer, metrics.clone()).expect("payments");
     payments.reconcile_after = chrono::Duration::zero();
 
     // A WeChat payment whose notification never arrives.

@@ -1,5 +1,6 @@
 //! Who is calling: access tokens, API keys, password hashing off the async threads, and login
-//! throttling. `AuthUser` is the extractor every protected handler takes.
+//! throttling. [`authenticate`] is called for every route the route table marks `User` or
+//! `Admin` (`http::access`); `AuthUser` is the extractor its handlers take.
 
 pub mod jwt;
 pub mod signing;
@@ -99,15 +100,6 @@ impl AuthUser {
     pub fn is_admin(&self) -> bool {
         self.role == "admin"
     }
-
-    /// Refuses anyone but an admin with `403 forbidden`.
-    pub fn require_admin(&self) -> Result<(), AppError> {
-        if self.is_admin() {
-            Ok(())
-        } else {
-            Err(AppError::forbidden())
-        }
-    }
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
@@ -122,37 +114,47 @@ fn bearer(parts: &Parts) -> Option<&str> {
         .then_some(token.trim())
 }
 
-impl FromRequestParts<AppState> for AuthUser {
+/// The caller the route's access layer authenticated. A handler of a route the table marks
+/// `Public` or `Gateway` has none: asking is a bug in the table, answered as an internal error.
+impl<S: Send + Sync> FromRequestParts<S> for AuthUser {
     type Rejection = AppError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        if let Some(key) = parts.headers.get("x-api-key") {
-            let key = key.to_str().map_err(|_| AppError::unauthorized())?;
-            return by_api_key(state, key).await;
-        }
-        let token = bearer(parts).ok_or_else(AppError::unauthorized)?;
-        let claims = state.tokens.verify(token).map_err(|e| {
-            let mut err = AppError::unauthorized();
-            err.internal = Some(e.to_string());
-            err
-        })?;
-        let id: Uuid = claims.sub.parse().map_err(|_| AppError::unauthorized())?;
-        let client = state.db.get().await.map_err(db::DbError::from)?;
-        let row = db::users::for_auth(&**client, id)
-            .await?
-            .ok_or_else(AppError::unauthorized)?;
-        if row.user.status != "active"
-            || row.tokens_valid_after.is_some_and(|tva| claims.iat <= tva)
-        {
-            return Err(AppError::unauthorized());
-        }
-        // The role is read from the database, not the token, so a demotion takes effect at once.
-        Ok(AuthUser {
-            id,
-            role: row.user.role,
-            method: AuthMethod::Jwt,
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, AppError> {
+        parts.extensions.get::<AuthUser>().cloned().ok_or_else(|| {
+            AppError::internal(
+                "a handler asked for the caller on a route its access does not authenticate",
+            )
         })
     }
+}
+
+/// Who is calling: an API key (`X-API-Key`) or a bearer access token of an active user whose
+/// tokens were not cut off since. `401` otherwise.
+pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<AuthUser, AppError> {
+    if let Some(key) = parts.headers.get("x-api-key") {
+        let key = key.to_str().map_err(|_| AppError::unauthorized())?;
+        return by_api_key(state, key).await;
+    }
+    let token = bearer(parts).ok_or_else(AppError::unauthorized)?;
+    let claims = state.tokens.verify(token).map_err(|e| {
+        let mut err = AppError::unauthorized();
+        err.internal = Some(e.to_string());
+        err
+    })?;
+    let id: Uuid = claims.sub.parse().map_err(|_| AppError::unauthorized())?;
+    let client = state.db.get().await.map_err(db::DbError::from)?;
+    let row = db::users::for_auth(&**client, id)
+        .await?
+        .ok_or_else(AppError::unauthorized)?;
+    if row.user.status != "active" || row.tokens_valid_after.is_some_and(|tva| claims.iat <= tva) {
+        return Err(AppError::unauthorized());
+    }
+    // The role is read from the database, not the token, so a demotion takes effect at once.
+    Ok(AuthUser {
+        id,
+        role: row.user.role,
+        method: AuthMethod::Jwt,
+    })
 }
 
 async fn by_api_key(state: &AppState, key: &str) -> Result<AuthUser, AppError> {

@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::DbError;
+use crate::domain::payments::{Channel, NotificationResult, OrderStatus, PayMethod};
 
 #[derive(Debug, Clone)]
 pub struct OrderRow {
@@ -11,10 +12,10 @@ pub struct OrderRow {
     pub user_id: Uuid,
     pub plan_id: String,
     pub plan_name: String,
-    pub channel: String,
+    pub channel: PayMethod,
     pub amount: i64,
     pub currency: String,
-    pub status: String,
+    pub status: OrderStatus,
     pub pay_url: Option<String>,
     pub code_url: Option<String>,
     pub gateway_trade_no: Option<String>,
@@ -29,23 +30,32 @@ const SELECT: &str = "SELECT o.id, o.user_id, o.plan_id, p.name AS plan_name, o.
      FROM orders o JOIN plans p ON p.id = o.plan_id";
 
 impl OrderRow {
-    fn from_row(r: &tokio_postgres::Row) -> OrderRow {
-        OrderRow {
+    fn from_row(r: &tokio_postgres::Row) -> Result<OrderRow, DbError> {
+        // The columns' CHECK constraints hold the same words as the enums.
+        let word =
+            |column: &str| DbError::Invalid(format!("orders.{column} holds an unknown word"));
+        Ok(OrderRow {
             id: r.get("id"),
             user_id: r.get("user_id"),
             plan_id: r.get("plan_id"),
             plan_name: r.get("plan_name"),
-            channel: r.get("channel"),
+            channel: r
+                .get::<_, &str>("channel")
+                .parse()
+                .map_err(|_| word("channel"))?,
             amount: r.get("amount"),
             currency: r.get("currency"),
-            status: r.get("status"),
+            status: r
+                .get::<_, &str>("status")
+                .parse()
+                .map_err(|_| word("status"))?,
             pay_url: r.get("pay_url"),
             code_url: r.get("code_url"),
             gateway_trade_no: r.get("gateway_trade_no"),
             created_at: r.get("created_at"),
             paid_at: r.get("paid_at"),
             expires_at: r.get("expires_at"),
-        }
+        })
     }
 }
 
@@ -53,7 +63,7 @@ pub struct NewOrder<'a> {
     pub id: &'a str,
     pub user: Uuid,
     pub plan: &'a str,
-    pub channel: &'a str,
+    pub channel: PayMethod,
     pub amount: i64,
     pub currency: &'a str,
     pub expires_at: DateTime<Utc>,
@@ -71,7 +81,7 @@ pub async fn create(
                 &o.id,
                 &o.user,
                 &o.plan,
-                &o.channel,
+                &o.channel.as_str(),
                 &o.amount,
                 &o.currency,
                 &o.expires_at,
@@ -106,7 +116,7 @@ pub async fn get(
         .query_opt(&format!("{SELECT} WHERE o.id = $1"), &[&id])
         .await
         .map_err(DbError::op("get order"))?;
-    Ok(row.as_ref().map(OrderRow::from_row))
+    row.as_ref().map(OrderRow::from_row).transpose()
 }
 
 /// A user's orders, newest first, after the `(created_at, id)` of the previous page's last one.
@@ -128,7 +138,7 @@ pub async fn list_for_user(
         )
         .await
         .map_err(DbError::op("list orders"))?;
-    Ok(rows.iter().map(OrderRow::from_row).collect())
+    rows.iter().map(OrderRow::from_row).collect()
 }
 
 /// Locks an order for a state change.
@@ -145,7 +155,7 @@ pub async fn lock(
 pub async fn set_status(
     tx: &tokio_postgres::Transaction<'_>,
     id: &str,
-    status: &str,
+    status: OrderStatus,
     gateway_trade_no: Option<&str>,
 ) -> Result<(), DbError> {
     tx.execute(
@@ -157,7 +167,7 @@ pub async fn set_status(
              refunded_amount = CASE WHEN $2 = 'refunded' THEN amount ELSE refunded_amount END,
              updated_at = now()
          WHERE id = $1",
-        &[&id, &status, &gateway_trade_no],
+        &[&id, &status.as_str(), &gateway_trade_no],
     )
     .await
     .map_err(DbError::op("update order status"))?;
@@ -180,14 +190,14 @@ pub async fn pending_older_than(
         )
         .await
         .map_err(DbError::op("list pending orders"))?;
-    Ok(rows.iter().map(OrderRow::from_row).collect())
+    rows.iter().map(OrderRow::from_row).collect()
 }
 
 /// Stores a notification whose signature verified, whole, before it is acted on (audit and
 /// reconciliation).
 pub async fn record_notification(
     client: &impl tokio_postgres::GenericClient,
-    channel: &str,
+    channel: Channel,
     headers: &serde_json::Value,
     raw_body: &[u8],
     sha256_hex: &str,
@@ -198,7 +208,7 @@ pub async fn record_notification(
             "INSERT INTO payment_notifications
                  (channel, headers, raw_body, body_bytes, body_sha256, verified, result)
              VALUES ($1, $2, $3, $4, $5, true, 'received') RETURNING id",
-            &[&channel, headers, &raw_body, &size, &sha256_hex],
+            &[&channel.as_str(), headers, &raw_body, &size, &sha256_hex],
         )
         .await
         .map_err(DbError::op("store notification"))?;
@@ -208,7 +218,7 @@ pub async fn record_notification(
 /// What is kept of a delivery that did not verify: its size, digest and first bytes, never the
 /// whole body, so that what anyone can make us store is small and fixed.
 pub struct Rejected<'a> {
-    pub channel: &'a str,
+    pub channel: Channel,
     pub headers: &'a serde_json::Value,
     pub prefix: &'a [u8],
     /// The body's full size (or, for one refused unread, what it declared).
@@ -230,7 +240,7 @@ pub async fn record_rejected(
                   result, error)
              VALUES ($1, $2, $3, $4, $5, $6, false, 'rejected', $7)",
             &[
-                &r.channel,
+                &r.channel.as_str(),
                 r.headers,
                 &r.prefix,
                 &r.size,
@@ -250,14 +260,14 @@ pub async fn finish_notification(
     verified: bool,
     out_trade_no: Option<&str>,
     event: Option<&str>,
-    result: &str,
+    result: NotificationResult,
     error: Option<&str>,
 ) -> Result<(), DbError> {
     client
         .execute(
             "UPDATE payment_notifications SET verified = $2, out_trade_no = $3, event = $4, result = $5, error = $6
              WHERE id = $1",
-            &[&id, &verified, &out_trade_no, &event, &result, &error],
+            &[&id, &verified, &out_trade_no, &event, &result.as_str(), &error],
         )
         .await
         .map_err(DbError::op("update notification"))?;

@@ -2,4 +2,5 @@
 
 pub mod accounts;
 pub mod password;
+pub mod payments;
 pub mod tokens;

@@ -5,6 +5,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 
+use super::dto::Page;
 use super::error::AppError;
 
 pub fn encode<I: std::fmt::Display>(at: DateTime<Utc>, id: I) -> String {
@@ -22,6 +23,28 @@ pub fn decode<I: std::str::FromStr>(cursor: &str) -> Result<(DateTime<Utc>, I), 
         .and_then(DateTime::from_timestamp_micros)
         .ok_or_else(bad)?;
     Ok((at, id.parse().map_err(|_| bad())?))
+}
+
+/// [`decode`] of an optional `?cursor=`.
+pub fn decode_opt<I: std::str::FromStr>(
+    cursor: Option<&str>,
+) -> Result<Option<(DateTime<Utc>, I)>, AppError> {
+    cursor.map(decode).transpose()
+}
+
+/// A page of at most `limit` items from `rows`, which were asked for `limit + 1`: a row past the
+/// limit means there is a next page, whose cursor `key` makes of this page's last item.
+pub fn page<T>(mut rows: Vec<T>, limit: i64, key: impl FnOnce(&T) -> String) -> Page<T> {
+    let next_cursor = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(key)
+    } else {
+        None
+    };
+    Page {
+        items: rows,
+        next_cursor,
+    }
 }
 
 /// Page size from `?limit=`: default 50, at most 200.

@@ -6,6 +6,8 @@ use axum::response::{IntoResponse, Response};
 use tollgate_common::error::ErrorBody;
 
 use crate::db::DbError;
+use crate::payments::PayError;
+use crate::payments::service::ServiceError;
 
 #[derive(Debug)]
 pub struct AppError {
@@ -122,6 +124,32 @@ impl From<DbError> for AppError {
                 err
             }
             _ => AppError::internal(e),
+        }
+    }
+}
+
+impl From<ServiceError> for AppError {
+    fn from(e: ServiceError) -> AppError {
+        match e {
+            ServiceError::Db(e) => e.into(),
+            ServiceError::NotFound(what) => AppError::not_found(what),
+            ServiceError::Invalid(why) => AppError::invalid(why),
+            ServiceError::Gateway(e) => ServiceError::Pay(e).into(),
+            ServiceError::Pay(
+                e @ (PayError::Unreachable(_)
+                | PayError::Refused(_)
+                | PayError::BadSignature
+                | PayError::Invalid(_)),
+            ) => {
+                let mut err = AppError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "payment_gateway_error",
+                    "the payment gateway could not take the order; try again shortly",
+                );
+                err.internal = Some(e.to_string());
+                err
+            }
+            ServiceError::Pay(e) => AppError::internal(e),
         }
     }
 }

@@ -6,8 +6,8 @@
 //! stores nothing, so its retry is tried afresh. Two retries at once: the second waits for the
 //! first's transaction and then replays its answer.
 //!
-//! A handler takes [`Idempotent<T>`] instead of `Json<T>` and does its work in one transaction:
-//! [`Idempotent::begin`] first, then the work, then [`Idempotent::finish`], then the commit.
+//! A handler takes [`Idempotent<T>`] instead of `Json<T>` and hands the use case to
+//! [`Idempotent::run`], which does it in one transaction with the key's record.
 
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use super::error::AppError;
 use super::extract::Json;
+use crate::app::{self, AppState, Failure, Tx};
 use crate::db::idempotency::{self, Claim};
 
 pub const HEADER: &str = "idempotency-key";
@@ -124,10 +125,41 @@ fn answer(status: StatusCode, body: Vec<u8>) -> Response {
 }
 
 impl<T> Idempotent<T> {
+    /// Does `work` (a use case, in the transaction it is given) once per key: a replay answers
+    /// the first answer without doing it; otherwise its result is answered with `status` (no
+    /// body for `204`) and stored with the key in the same transaction. A failure that
+    /// [`keeps_writes`](Failure::keeps_writes) commits its writes and gives the key up.
+    pub async fn run<R: Serialize, E: Failure>(
+        &self,
+        state: &AppState,
+        user: Uuid,
+        status: StatusCode,
+        work: impl AsyncFnOnce(&mut Tx<'_>, &T) -> Result<R, E>,
+    ) -> Result<Response, AppError> {
+        let mut client = app::conn(state).await?;
+        let mut tx = Tx::begin(&mut client, &state.sync).await?;
+        if let Some(replay) = self.begin(&tx, user).await? {
+            return Ok(replay);
+        }
+        let answer = match work(&mut tx, &self.body).await {
+            Ok(answer) => answer,
+            Err(e) if e.keeps_writes() => {
+                self.release(&tx, user).await?;
+                tx.commit().await?;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let body = (status != StatusCode::NO_CONTENT).then_some(&answer);
+        let response = self.finish(&tx, user, status, body).await?;
+        tx.commit().await?;
+        Ok(response)
+    }
+
     /// Claims the key in `tx` (no key: nothing to do). `None`: do the work. `Some`: answer
     /// that instead (the first answer, replayed). `422` when the key was used for another
     /// request.
-    pub async fn begin(
+    async fn begin(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         user: Uuid,
@@ -166,7 +198,7 @@ impl<T> Idempotent<T> {
 
     /// The answer of the work done since [`begin`](Self::begin), stored with the key (if any)
     /// in `tx`; commit `tx` next, then send it.
-    pub async fn finish(
+    async fn finish(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         user: Uuid,
@@ -185,7 +217,7 @@ impl<T> Idempotent<T> {
 
     /// Gives the key up in `tx`, for failed work that still commits what it did: a retry then
     /// does the work again.
-    pub async fn release(
+    async fn release(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
         user: Uuid,

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use super::AppState;
 use super::accounts::path_id;
 use super::error::AppError;
+use crate::app::accounts;
 
 /// A sidecar found no hash for this user in Redis: write it from PostgreSQL now. Idempotent and
 /// harmless — it only rewrites what the user's rows say.
@@ -15,10 +16,6 @@ pub async fn sync_user(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, AppError> {
-    let id = path_id(&id)?;
-    match state.sync.user(id).await {
-        Ok(true) => Ok(StatusCode::NO_CONTENT),
-        Ok(false) => Err(AppError::not_found("no such user")),
-        Err(e) => Err(AppError::unavailable(e)),
-    }
+    accounts::sync_user(&state, path_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

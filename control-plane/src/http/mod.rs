@@ -1,6 +1,8 @@
-//! The REST layer: router, request-scoped plumbing (request ids, metrics, one log line per
-//! request) and the handlers, which call `db/` and `domain/`.
+//! The REST layer: router, access from the route table, request-scoped plumbing (request ids,
+//! metrics, one log line per request) and the handlers, which parse, call a use case of `app/`
+//! and answer.
 
+mod access;
 mod accounts;
 mod admin;
 mod api_keys;
@@ -17,7 +19,6 @@ mod ops;
 mod pages;
 mod payments;
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
@@ -26,32 +27,11 @@ use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use deadpool_postgres::Pool;
 use tollgate_common::request_id;
 use tracing::Instrument;
 
-use crate::auth::Hasher;
-use crate::auth::jwt::Tokens;
-use crate::auth::throttle::Throttle;
-use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::redis::RedisClient;
-use crate::sync::Syncer;
+pub use crate::app::AppState;
 use error::AppError;
-
-/// Everything a handler may need; cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub db: Pool,
-    pub redis: RedisClient,
-    pub metrics: Arc<Metrics>,
-    pub tokens: Tokens,
-    pub hasher: Hasher,
-    pub throttle: Throttle,
-    pub sync: Syncer,
-    pub payments: crate::payments::service::Payments,
-}
 
 /// The request id of the current request, for handlers and logs.
 #[derive(Debug, Clone)]
@@ -61,13 +41,17 @@ pub struct RequestId(pub String);
 #[derive(Clone)]
 struct RouteLabel(String);
 
-/// Registers every route and, from the same table, describes it for the OpenAPI document.
+/// Registers every route, guarded by its access (`access::guard`), and, from the same table,
+/// describes it for the OpenAPI document.
 macro_rules! api_routes {
-    ($router:expr; $( $method:ident $path:literal => $handler:path, $access:ident, $ok:literal $okdesc:literal, $summary:literal $(, query: [$($q:literal),*])? $(, body: $body:literal)? $(, idempotent: $idempotent:literal)? ; )*) => {{
+    ($router:expr, $state:expr; $( $method:ident $path:literal => $handler:path, $access:ident, $ok:literal $okdesc:literal, $summary:literal $(, query: [$($q:literal),*])? $(, body: $body:literal)? $(, idempotent: $idempotent:literal)? ; )*) => {{
         let mut router = $router;
         let mut ops = Vec::new();
         $(
-            router = router.route($path, axum::routing::$method($handler));
+            router = router.route(
+                $path,
+                access::guard(axum::routing::$method($handler), openapi::Access::$access, $state),
+            );
             ops.push(openapi::Op {
                 method: stringify!($method),
                 path: $path,
@@ -85,7 +69,7 @@ macro_rules! api_routes {
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit;
-    let (router, ops) = api_routes! { Router::new();
+    let (router, ops) = api_routes! { Router::new(), &state;
         get "/healthz" => ops::healthz, Public, 200 "alive", "Liveness";
         get "/readyz" => ops::readyz, Public, 200 "PostgreSQL and Redis reachable", "Readiness";
         get "/metrics" => ops::metrics, Public, 200 "Prometheus text format", "Metrics";

@@ -53,13 +53,17 @@ pub struct Notify {
     pub notify_id: String,
 }
 
-impl Notify {
-    /// Only these two statuses mean the money arrived.
-    pub fn is_paid(&self) -> bool {
-        matches!(
-            self.trade_status.as_str(),
-            "TRADE_SUCCESS" | "TRADE_FINISHED"
-        )
+impl From<Notify> for super::Payment {
+    fn from(n: Notify) -> super::Payment {
+        // Only these two statuses mean the money arrived.
+        let paid = matches!(n.trade_status.as_str(), "TRADE_SUCCESS" | "TRADE_FINISHED");
+        super::Payment {
+            out_trade_no: n.out_trade_no,
+            event: n.trade_status,
+            trade_no: n.trade_no,
+            total_fen: n.total_fen,
+            paid,
+        }
     }
 }
 
@@ -365,7 +369,7 @@ mod tests {
         let notify = alipay.verify_notify(body.as_bytes()).expect("verifies");
         assert_eq!(notify.out_trade_no, "20190815153750722-564-55");
         assert_eq!(notify.total_fen, 10);
-        assert!(notify.is_paid());
+        assert!(crate::payments::Payment::from(notify).paid);
         let forged = body.replace("total_amount=0.10", "total_amount=100.00");
         assert!(matches!(
             alipay.verify_notify(forged.as_bytes()),

@@ -12,6 +12,8 @@ use rsa::signature::{SignatureEncoding, Signer, Verifier};
 use rsa::{RsaPrivateKey, RsaPublicKey};
 use sha2::Sha256;
 
+pub use crate::domain::payments::Channel;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PayError {
     #[error("payment key: {0}")]
@@ -24,6 +26,20 @@ pub enum PayError {
     Unreachable(String),
     #[error("gateway refused: {0}")]
     Refused(String),
+}
+
+/// A payment as a gateway reports it (a verified notification or a query's answer), in one
+/// shape whatever the gateway.
+#[derive(Debug, Clone)]
+pub struct Payment {
+    pub out_trade_no: String,
+    /// What the delivery was: `TRADE_SUCCESS`, `TRANSACTION.SUCCESS`, `query`, …
+    pub event: String,
+    /// The gateway's own number for the trade.
+    pub trade_no: String,
+    pub total_fen: i64,
+    /// Whether the money arrived; anything else is only recorded.
+    pub paid: bool,
 }
 
 /// An RSA private key that signs SHA256withRSA (PKCS#1 v1.5), as both gateways require.

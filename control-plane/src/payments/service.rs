@@ -7,13 +7,16 @@ use std::sync::Arc;
 use chrono::Utc;
 use uuid::Uuid;
 
+use deadpool_postgres::Pool;
+
 use super::alipay::{Alipay, AlipayConfig};
-use super::wechat::{Wechat, WechatConfig};
-use super::{PayError, RsaSigner, RsaVerifier};
+use super::wechat::{SignedHeaders, Wechat, WechatConfig};
+use super::{Channel, PayError, Payment, RsaSigner, RsaVerifier};
+use crate::app::{Change, Failure, Reach, Tx};
 use crate::config::Config;
 use crate::db::orders::OrderRow;
-use crate::db::outbox::Topic;
 use crate::db::{self, DbError};
+use crate::domain::payments::{NotificationResult, OrderStatus, PayMethod};
 use crate::metrics::Metrics;
 use crate::sync::Syncer;
 
@@ -21,7 +24,8 @@ use crate::sync::Syncer;
 pub struct Payments {
     pub alipay: Option<Arc<Alipay>>,
     pub wechat: Option<Arc<Wechat>>,
-    pub sync: Syncer,
+    db: Pool,
+    sync: Syncer,
     pub metrics: Arc<Metrics>,
     pub order_ttl: chrono::Duration,
     /// Orders pending this long are asked about at the gateway.
@@ -36,25 +40,25 @@ pub struct Payments {
 /// the budget they are only counted in the metrics and logged at debug level.
 pub struct RejectionBudget {
     per_minute: u32,
-    /// (the minute, recorded so far per channel: alipay, wechat)
-    used: std::sync::Mutex<(i64, [u32; 2])>,
+    /// (the minute, recorded so far per channel, in `Channel::ALL` order)
+    used: std::sync::Mutex<(i64, [u32; Channel::ALL.len()])>,
 }
 
 impl RejectionBudget {
     pub fn new(per_minute: u32) -> RejectionBudget {
         RejectionBudget {
             per_minute,
-            used: std::sync::Mutex::new((0, [0, 0])),
+            used: std::sync::Mutex::new((0, [0; Channel::ALL.len()])),
         }
     }
 
     /// Takes one from this minute's budget of `channel`; false when it is spent.
-    pub fn take(&self, channel: &str) -> bool {
+    pub fn take(&self, channel: Channel) -> bool {
         let minute = Utc::now().timestamp() / 60;
-        let slot = usize::from(channel != "alipay");
+        let slot = channel as usize;
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         if used.0 != minute {
-            *used = (minute, [0, 0]);
+            *used = (minute, [0; Channel::ALL.len()]);
         }
         if used.1[slot] >= self.per_minute {
             return false;
@@ -79,9 +83,8 @@ pub enum ServiceError {
     Gateway(PayError),
 }
 
-impl ServiceError {
-    /// Whether the transaction the failed call wrote into must still be committed.
-    pub fn keeps_writes(&self) -> bool {
+impl Failure for ServiceError {
+    fn keeps_writes(&self) -> bool {
         matches!(self, ServiceError::Gateway(_))
     }
 }
@@ -93,6 +96,16 @@ pub enum Settled {
     Processed,
     /// Already paid: nothing changed.
     Duplicate,
+}
+
+impl Settled {
+    /// What this makes of the notification that reported the payment.
+    pub fn result(self) -> NotificationResult {
+        match self {
+            Settled::Processed => NotificationResult::Processed,
+            Settled::Duplicate => NotificationResult::Duplicate,
+        }
+    }
 }
 
 fn read(path: &std::path::Path) -> Result<String, PayError> {
@@ -115,6 +128,7 @@ pub fn new_order_id() -> String {
 impl Payments {
     pub fn load(
         config: &Config,
+        db: Pool,
         sync: Syncer,
         metrics: Arc<Metrics>,
     ) -> Result<Payments, PayError> {
@@ -168,6 +182,7 @@ impl Payments {
         Ok(Payments {
             alipay,
             wechat,
+            db,
             sync,
             metrics,
             order_ttl: chrono::Duration::milliseconds(config.order_ttl.0 as i64),
@@ -177,45 +192,71 @@ impl Payments {
         })
     }
 
+    /// Whether this replica takes payments through `channel`.
+    pub fn accepts(&self, channel: Channel) -> bool {
+        match channel {
+            Channel::Alipay => self.alipay.is_some(),
+            Channel::Wechat => self.wechat.is_some(),
+        }
+    }
+
+    /// Verifies a notification over its raw bytes, each channel in its own format.
+    pub fn verify_notification(
+        &self,
+        channel: Channel,
+        headers: &http::HeaderMap,
+        body: &[u8],
+    ) -> Result<Payment, PayError> {
+        let not_configured = || PayError::Invalid(format!("{channel} is not configured"));
+        match channel {
+            Channel::Alipay => {
+                let alipay = self.alipay.as_ref().ok_or_else(not_configured)?;
+                alipay.verify_notify(body).map(Payment::from)
+            }
+            Channel::Wechat => {
+                let wechat = self.wechat.as_ref().ok_or_else(not_configured)?;
+                let signed = SignedHeaders::of(headers);
+                let (event, transaction) =
+                    wechat.verify_notification(&signed, body, Utc::now().timestamp())?;
+                Ok(transaction.payment(event))
+            }
+        }
+    }
+
     /// Creates a pending order for a priced plan in `tx`, with what its channel needs (a signed
     /// pay URL, or the WeChat `code_url`, asked of the gateway while `tx` is open). If the
-    /// gateway refuses, the order is closed in `tx` so that it is never paid, and the error says
-    /// [`keeps_writes`](ServiceError::keeps_writes): commit `tx` anyway.
+    /// gateway refuses, the order is closed in `tx` so that it is never paid, and the error
+    /// [`keeps_writes`](Failure::keeps_writes): commit `tx` anyway.
     pub async fn create_order(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &mut Tx<'_>,
         user: Uuid,
         plan_id: &str,
-        channel: &str,
+        method: &str,
     ) -> Result<OrderRow, ServiceError> {
-        let plan = db::catalog::plan(tx, plan_id)
+        let plan = db::catalog::plan(&**tx, plan_id)
             .await?
             .filter(|p| p.public && p.price_amount > 0)
             .ok_or(ServiceError::NotFound("no such plan for sale"))?;
-        let (alipay_wap, is_alipay) = match channel {
-            "alipay_page" => (false, true),
-            "alipay_wap" => (true, true),
-            "wechat_native" => (false, false),
-            _ => {
-                return Err(ServiceError::Invalid(
-                    "channel must be alipay_page, alipay_wap or wechat_native".to_owned(),
-                ));
-            }
-        };
-        if (is_alipay && self.alipay.is_none()) || (!is_alipay && self.wechat.is_none()) {
+        let method: PayMethod = method.parse().map_err(|_| {
+            ServiceError::Invalid(
+                "channel must be alipay_page, alipay_wap or wechat_native".to_owned(),
+            )
+        })?;
+        if !self.accepts(method.channel()) {
             return Err(ServiceError::Invalid(format!(
-                "the {channel} channel is not configured here"
+                "the {method} channel is not configured here"
             )));
         }
         let id = new_order_id();
         let expires_at = Utc::now() + self.order_ttl;
         db::orders::create(
-            tx,
+            &**tx,
             &db::orders::NewOrder {
                 id: &id,
                 user,
                 plan: &plan.id,
-                channel,
+                channel: method,
                 amount: plan.price_amount,
                 currency: &plan.currency,
                 expires_at,
@@ -223,102 +264,93 @@ impl Payments {
         )
         .await?;
         let subject = format!("Tollgate {}", plan.name);
-        if is_alipay {
-            if let Some(alipay) = &self.alipay {
-                let url = alipay.pay_url(&id, &subject, plan.price_amount, alipay_wap, expires_at);
-                db::orders::set_payment_target(tx, &id, Some(&url), None).await?;
-            }
-        } else if let Some(wechat) = &self.wechat {
+        if let (Channel::Alipay, Some(alipay)) = (method.channel(), &self.alipay) {
+            let wap = method == PayMethod::AlipayWap;
+            let url = alipay.pay_url(&id, &subject, plan.price_amount, wap, expires_at);
+            db::orders::set_payment_target(&**tx, &id, Some(&url), None).await?;
+        } else if let (Channel::Wechat, Some(wechat)) = (method.channel(), &self.wechat) {
             match wechat
                 .native(&id, &subject, plan.price_amount, expires_at)
                 .await
             {
                 Ok(code_url) => {
-                    db::orders::set_payment_target(tx, &id, None, Some(&code_url)).await?
+                    db::orders::set_payment_target(&**tx, &id, None, Some(&code_url)).await?
                 }
                 Err(e) => {
                     // The gateway has no usable order: close ours so it is never paid.
-                    db::orders::set_status(tx, &id, "closed", None).await?;
+                    db::orders::set_status(tx, &id, OrderStatus::Closed, None).await?;
                     return Err(ServiceError::Gateway(e));
                 }
             }
         }
-        db::orders::get(tx, &id)
+        let order = db::orders::get(&**tx, &id)
             .await?
-            .ok_or(ServiceError::NotFound("order vanished"))
+            .ok_or(ServiceError::NotFound("order vanished"))?;
+        self.count_after_commit(tx, OrderStatus::Pending);
+        Ok(order)
     }
 
-    /// Applies a verified payment to its order once. `event` names the delivery (e.g.
+    fn count_after_commit(&self, tx: &mut Tx<'_>, status: OrderStatus) {
+        let metrics = self.metrics.clone();
+        tx.after_commit(move || metrics.orders.with_label_values(&[status.as_str()]).inc());
+    }
+
+    /// Applies a verified payment to its order once. `payment.event` names the delivery (e.g.
     /// `TRADE_SUCCESS`, `TRANSACTION.SUCCESS`, `query`); `notification` is the stored raw
-    /// notification, marked processed or duplicate in the same transaction.
+    /// notification, marked processed or duplicate in the same transaction. New limits reach
+    /// the sidecars before this returns (so before the gateway hears back).
     pub async fn settle_paid(
         &self,
-        channel: &str,
-        out_trade_no: &str,
-        event: &str,
-        gateway_trade_no: &str,
-        amount_fen: i64,
+        channel: Channel,
+        payment: &Payment,
         notification: Option<i64>,
     ) -> Result<Settled, ServiceError> {
-        let mut client = self.sync.db.get().await.map_err(DbError::from)?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(DbError::op("begin payment"))?;
-        let order = db::orders::lock(&tx, out_trade_no)
+        let mut client = self.db.get().await.map_err(DbError::from)?;
+        let mut tx = Tx::begin(&mut client, &self.sync).await?;
+        let order = db::orders::lock(&tx, &payment.out_trade_no)
             .await?
             .ok_or(ServiceError::NotFound("unknown order"))?;
-        if !order.channel.starts_with(channel) {
+        if order.channel.channel() != channel {
             return Err(ServiceError::Invalid(format!(
                 "order {} is not a {channel} order",
                 order.id
             )));
         }
-        if order.amount != amount_fen {
+        if order.amount != payment.total_fen {
             return Err(ServiceError::Invalid(format!(
-                "paid amount {amount_fen} differs from the order's {}",
-                order.amount
+                "paid amount {} differs from the order's {}",
+                payment.total_fen, order.amount
             )));
         }
-        let settled = if matches!(order.status.as_str(), "paid" | "refunded") {
+        let settled = if order.status.is_settled() {
             Settled::Duplicate
         } else {
-            if order.status == "closed" {
+            if order.status == OrderStatus::Closed {
                 // The buyer paid as we closed it: the money is real, so the order counts.
                 tracing::warn!(order = %order.id, "payment arrived for a closed order; accepting it");
             }
-            db::orders::set_status(&tx, &order.id, "paid", Some(gateway_trade_no)).await?;
+            db::orders::set_status(&tx, &order.id, OrderStatus::Paid, Some(&payment.trade_no))
+                .await?;
             db::subscriptions::activate(&tx, order.user_id, &order.plan_id, Some(&order.id))
                 .await?;
-            db::outbox::enqueue(&*tx, Topic::User, &order.user_id.to_string()).await?;
+            tx.announce(Change::User(order.user_id), Reach::BeforeAnswer)
+                .await?;
+            self.count_after_commit(&mut tx, OrderStatus::Paid);
             Settled::Processed
         };
         if let Some(id) = notification {
-            let result = if settled == Settled::Processed {
-                "processed"
-            } else {
-                "duplicate"
-            };
             db::orders::finish_notification(
                 &*tx,
                 id,
                 true,
-                Some(out_trade_no),
-                Some(event),
-                result,
+                Some(&payment.out_trade_no),
+                Some(&payment.event),
+                settled.result(),
                 None,
             )
             .await?;
         }
-        tx.commit().await.map_err(DbError::op("commit payment"))?;
-        if settled == Settled::Processed {
-            self.metrics.orders.with_label_values(&["paid"]).inc();
-            // The new limits reach the sidecars before the gateway hears back.
-            if let Err(e) = self.sync.user(order.user_id).await {
-                tracing::warn!(error = %e, "new limits not yet in redis; the outbox will retry");
-            }
-            self.sync.kick();
-        }
+        tx.commit().await?;
         Ok(settled)
     }
 
@@ -326,7 +358,7 @@ impl Payments {
     /// ends in `paid`, and expired orders are closed at the gateway (then queried once more, so
     /// a payment that raced the close is not lost) and locally.
     pub async fn reconcile_once(&self) -> Result<usize, ServiceError> {
-        let client = self.sync.db.get().await.map_err(DbError::from)?;
+        let client = self.db.get().await.map_err(DbError::from)?;
         let pending =
             db::orders::pending_older_than(&**client, self.reconcile_after.num_seconds(), 100)
                 .await?;
@@ -344,52 +376,51 @@ impl Payments {
         Ok(changed)
     }
 
-    async fn paid_at_gateway(
-        &self,
-        order: &OrderRow,
-    ) -> Result<Option<(String, i64)>, ServiceError> {
-        if order.channel.starts_with("alipay") {
-            let Some(alipay) = &self.alipay else {
-                return Ok(None);
-            };
-            Ok(match alipay.query(&order.id).await? {
-                super::alipay::TradeState::Paid {
-                    trade_no,
-                    total_fen,
-                } => Some((trade_no, total_fen)),
-                _ => None,
-            })
-        } else {
-            let Some(wechat) = &self.wechat else {
-                return Ok(None);
-            };
-            Ok(wechat
-                .query(&order.id)
-                .await?
-                .filter(|t| t.trade_state == "SUCCESS")
-                .map(|t| {
-                    (
-                        t.transaction_id.unwrap_or_default(),
-                        t.amount.map_or(-1, |a| a.total),
-                    )
-                }))
-        }
+    /// What the gateway says of an order: its payment, if the money arrived.
+    async fn paid_at_gateway(&self, order: &OrderRow) -> Result<Option<Payment>, ServiceError> {
+        let payment = match order.channel.channel() {
+            Channel::Alipay => {
+                let Some(alipay) = &self.alipay else {
+                    return Ok(None);
+                };
+                match alipay.query(&order.id).await? {
+                    super::alipay::TradeState::Paid {
+                        trade_no,
+                        total_fen,
+                    } => Some(Payment {
+                        out_trade_no: order.id.clone(),
+                        event: String::new(),
+                        trade_no,
+                        total_fen,
+                        paid: true,
+                    }),
+                    _ => None,
+                }
+            }
+            Channel::Wechat => {
+                let Some(wechat) = &self.wechat else {
+                    return Ok(None);
+                };
+                wechat
+                    .query(&order.id)
+                    .await?
+                    .map(|t| t.payment(String::new()))
+            }
+        };
+        Ok(payment.filter(|p| p.paid).map(|p| Payment {
+            event: "query".to_owned(),
+            ..p
+        }))
     }
 
     async fn reconcile_order(&self, order: &OrderRow) -> Result<bool, ServiceError> {
-        let channel = if order.channel.starts_with("alipay") {
-            "alipay"
-        } else {
-            "wechat"
-        };
-        if let Some((trade_no, fen)) = self.paid_at_gateway(order).await? {
-            let settled = self
-                .settle_paid(channel, &order.id, "query", &trade_no, fen, None)
-                .await?;
+        let channel = order.channel.channel();
+        if let Some(payment) = self.paid_at_gateway(order).await? {
+            let settled = self.settle_paid(channel, &payment, None).await?;
             if settled == Settled::Processed {
                 self.metrics
                     .reconcile_paid_found
-                    .with_label_values(&[channel])
+                    .with_label_values(&[channel.as_str()])
                     .inc();
                 tracing::warn!(order = %order.id, "reconciliation found a paid order whose notification never arrived");
             }
@@ -398,88 +429,75 @@ impl Payments {
         if order.expires_at > Utc::now() {
             return Ok(false);
         }
-        if channel == "alipay" {
-            if let Some(alipay) = &self.alipay {
-                alipay.close(&order.id).await?;
-            }
-        } else if let Some(wechat) = &self.wechat {
-            wechat.close(&order.id).await?;
+        match (channel, &self.alipay, &self.wechat) {
+            (Channel::Alipay, Some(alipay), _) => alipay.close(&order.id).await?,
+            (Channel::Wechat, _, Some(wechat)) => wechat.close(&order.id).await?,
+            _ => {}
         }
         // A payment may have landed just before the close.
-        if let Some((trade_no, fen)) = self.paid_at_gateway(order).await? {
-            self.settle_paid(channel, &order.id, "query", &trade_no, fen, None)
-                .await?;
+        if let Some(payment) = self.paid_at_gateway(order).await? {
+            self.settle_paid(channel, &payment, None).await?;
             return Ok(true);
         }
-        let mut client = self.sync.db.get().await.map_err(DbError::from)?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(DbError::op("begin close"))?;
+        let mut client = self.db.get().await.map_err(DbError::from)?;
+        let mut tx = Tx::begin(&mut client, &self.sync).await?;
         let locked = db::orders::lock(&tx, &order.id).await?;
-        if locked.is_some_and(|o| o.status == "pending") {
-            db::orders::set_status(&tx, &order.id, "closed", None).await?;
-            tx.commit().await.map_err(DbError::op("commit close"))?;
-            self.metrics.orders.with_label_values(&["closed"]).inc();
+        if locked.is_some_and(|o| o.status == OrderStatus::Pending) {
+            db::orders::set_status(&tx, &order.id, OrderStatus::Closed, None).await?;
+            self.count_after_commit(&mut tx, OrderStatus::Closed);
+            tx.commit().await?;
             return Ok(true);
         }
         Ok(false)
     }
 
-    /// Refunds a paid order in full at the gateway and ends the paid period it bought.
+    /// Refunds a paid order in full at the gateway and ends the paid period it bought; the user
+    /// is back on free at every sidecar before this returns.
     pub async fn refund(&self, order_id: &str, actor: Uuid) -> Result<OrderRow, ServiceError> {
-        let client = self.sync.db.get().await.map_err(DbError::from)?;
+        let client = self.db.get().await.map_err(DbError::from)?;
         let order = db::orders::get(&**client, order_id)
             .await?
             .ok_or(ServiceError::NotFound("no such order"))?;
-        if order.status != "paid" {
+        drop(client);
+        if order.status != OrderStatus::Paid {
             return Err(ServiceError::Invalid(format!(
                 "only a paid order can be refunded; this one is {}",
                 order.status
             )));
         }
         let request_no = format!("RF{}", &order.id[2..]);
-        if order.channel.starts_with("alipay") {
-            let alipay = self
-                .alipay
-                .as_ref()
-                .ok_or(ServiceError::Invalid("alipay is not configured".to_owned()))?;
-            alipay.refund(&order.id, order.amount, &request_no).await?;
-        } else {
-            let wechat = self
-                .wechat
-                .as_ref()
-                .ok_or(ServiceError::Invalid("wechat is not configured".to_owned()))?;
-            wechat
-                .refund(&order.id, &request_no, order.amount, order.amount)
-                .await?;
+        let channel = order.channel.channel();
+        let not_configured = || ServiceError::Invalid(format!("{channel} is not configured"));
+        match channel {
+            Channel::Alipay => {
+                let alipay = self.alipay.as_ref().ok_or_else(not_configured)?;
+                alipay.refund(&order.id, order.amount, &request_no).await?;
+            }
+            Channel::Wechat => {
+                let wechat = self.wechat.as_ref().ok_or_else(not_configured)?;
+                wechat
+                    .refund(&order.id, &request_no, order.amount, order.amount)
+                    .await?;
+            }
         }
-        drop(client);
-        let mut client = self.sync.db.get().await.map_err(DbError::from)?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(DbError::op("begin refund"))?;
+        let mut client = self.db.get().await.map_err(DbError::from)?;
+        let mut tx = Tx::begin(&mut client, &self.sync).await?;
         db::orders::lock(&tx, &order.id).await?;
-        db::orders::set_status(&tx, &order.id, "refunded", None).await?;
+        db::orders::set_status(&tx, &order.id, OrderStatus::Refunded, None).await?;
         // The period this order bought ends now; the user is back on free.
         db::subscriptions::end_refunded(&tx, &order.id, order.user_id).await?;
-        db::outbox::enqueue(&*tx, Topic::User, &order.user_id.to_string()).await?;
-        db::audit::record(
-            &*tx,
+        tx.announce(Change::User(order.user_id), Reach::BeforeAnswer)
+            .await?;
+        tx.audit(
             actor,
             "order.refund",
-            "order",
-            &order.id,
+            ("order", &order.id),
             &serde_json::json!({"amount": order.amount}),
         )
         .await?;
-        tx.commit().await.map_err(DbError::op("commit refund"))?;
-        self.metrics.orders.with_label_values(&["refunded"]).inc();
-        if let Err(e) = self.sync.user(order.user_id).await {
-            tracing::warn!(error = %e, "refund not yet in redis; the outbox will retry");
-        }
-        let client = self.sync.db.get().await.map_err(DbError::from)?;
+        self.count_after_commit(&mut tx, OrderStatus::Refunded);
+        tx.commit().await?;
+        let client = self.db.get().await.map_err(DbError::from)?;
         db::orders::get(&**client, &order.id)
             .await?
             .ok_or(ServiceError::NotFound("order vanished"))

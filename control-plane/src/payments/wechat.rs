@@ -64,6 +64,37 @@ pub struct Amount {
     pub total: i64,
 }
 
+impl Transaction {
+    /// This transaction as a payment reported by `event`.
+    pub fn payment(self, event: String) -> super::Payment {
+        super::Payment {
+            paid: self.trade_state == "SUCCESS",
+            out_trade_no: self.out_trade_no,
+            event,
+            trade_no: self.transaction_id.unwrap_or_default(),
+            total_fen: self.amount.map_or(-1, |a| a.total),
+        }
+    }
+}
+
+impl SignedHeaders<'_> {
+    /// The `Wechatpay-*` headers of a notification (empty when absent: then it does not verify).
+    pub fn of(headers: &http::HeaderMap) -> SignedHeaders<'_> {
+        let h = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+        };
+        SignedHeaders {
+            timestamp: h("wechatpay-timestamp"),
+            nonce: h("wechatpay-nonce"),
+            signature: h("wechatpay-signature"),
+            serial: h("wechatpay-serial"),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct Notification {
     event_type: String,
