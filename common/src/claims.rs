@@ -1,7 +1,6 @@
 //! The claims of a Tollgate access token (a JWT signed by the control plane, verified by the
 //! control plane and every sidecar).
 
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 /// Algorithm of Tollgate's own access tokens.
@@ -28,16 +27,32 @@ pub struct AccessClaims {
     pub role: String,
 }
 
-/// The fixed PKCS#8 header of an Ed25519 private key (RFC 8410); the 32-byte seed follows it.
-const ED25519_PKCS8_HEADER: [u8; 16] = [
-    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
-];
-
 /// A new Ed25519 signing key as PKCS#8 PEM: development keys of the local stack, and tests.
+///
+/// The version 1 form (RFC 8410, the seed alone, no public key): jsonwebtoken derives a JWK only
+/// from that 48-byte document.
 pub fn generate_ed25519_pem() -> String {
-    let seed: [u8; 32] = rand::random();
-    let mut der = ED25519_PKCS8_HEADER.to_vec();
-    der.extend_from_slice(&seed);
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
+    use ed25519::pkcs8::{EncodePrivateKey, KeypairBytes, spki::der::pem::LineEnding};
+    let key = KeypairBytes {
+        secret_key: rand::random(),
+        public_key: None,
+    };
+    key.to_pkcs8_pem(LineEnding::LF)
+        .expect("a 32-byte seed always encodes")
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519::pkcs8::{DecodePrivateKey, KeypairBytes};
+
+    #[test]
+    fn generated_keys_are_version_1_pkcs8_pem() {
+        let pem = super::generate_ed25519_pem();
+        let key = KeypairBytes::from_pkcs8_pem(&pem).expect("PKCS#8 PEM");
+        assert!(key.public_key.is_none());
+        assert_ne!(pem, super::generate_ed25519_pem());
+        // The 48-byte document: one line of base64 between the labels.
+        assert_eq!(pem.lines().count(), 3, "{pem}");
+    }
 }

@@ -74,6 +74,259 @@ impl FromStr for Secret {
     }
 }
 
+/// One setting as operators see it: the file key (also the name its problems are reported
+/// under), the environment variable, the flag if there is one, the default and what it does.
+/// `settings!` builds a program's table of these from the same lines that declare the setting,
+/// and `--help` and docs/configuration.md are rendered from that table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettingDoc {
+    pub key: &'static str,
+    pub env: &'static str,
+    /// `--` and the key, `-` for `_`.
+    pub flag: Option<&'static str>,
+    pub default: DefaultDoc,
+    pub help: &'static str,
+}
+
+/// What a setting is when no layer sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultDoc {
+    /// This value, written as it would be in the environment (and parsed the same way).
+    Value(&'static str),
+    /// No value; the text says what happens instead (`none`, `required`, …).
+    Unset(&'static str),
+}
+
+impl SettingDoc {
+    /// The line `--help` shows for the setting's flag: the help without its Markdown links
+    /// (their text stays), the variable and the default.
+    pub fn flag_help(&self) -> String {
+        let mut help = String::new();
+        let mut rest = self.help;
+        while let Some(open) = rest.find('[')
+            && let Some(close) = rest[open..].find("](").map(|i| open + i)
+            && let Some(end) = rest[close..].find(')').map(|i| close + i)
+        {
+            help.push_str(&rest[..open]);
+            help.push_str(&rest[open + 1..close]);
+            rest = &rest[end + 1..];
+        }
+        help.push_str(rest);
+        match self.default {
+            DefaultDoc::Value(v) => format!("{help} [env: {}] [default: {v}]", self.env),
+            DefaultDoc::Unset(_) => format!("{help} [env: {}]", self.env),
+        }
+    }
+}
+
+/// The settings of one program as the Markdown table of docs/configuration.md.
+pub fn doc_table(settings: &[SettingDoc]) -> String {
+    let mut out = String::from(
+        "| file key | environment | flag | default | meaning |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for s in settings {
+        let flag = s
+            .flag
+            .map_or_else(|| " ".to_owned(), |f| format!(" `{f}` "));
+        let default = match s.default {
+            DefaultDoc::Value(v) => format!("`{v}`"),
+            DefaultDoc::Unset(text) => text.to_owned(),
+        };
+        out.push_str(&format!(
+            "| `{}` | `{}` |{flag}| {default} | {} |\n",
+            s.key, s.env, s.help
+        ));
+    }
+    out
+}
+
+/// `doc` with the text between `<!-- settings: NAME ... -->` and the next `<!-- end settings -->`
+/// replaced by `table`; `None` if the markers are missing.
+pub fn splice_doc_table(doc: &str, name: &str, table: &str) -> Option<String> {
+    let open = format!("<!-- settings: {name} ");
+    let start = doc.find(&open)?;
+    let body = start + doc[start..].find("-->\n")? + 4;
+    let end = body + doc[body..].find("<!-- end settings -->")?;
+    Some(format!("{}{table}{}", &doc[..body], &doc[end..]))
+}
+
+/// A default as `settings!` writes it: text parsed like an environment value, so the default
+/// that is documented is the one in force. (The tests load every program's defaults.)
+pub fn parse_default<T>(text: &str) -> T
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    text.parse()
+        .unwrap_or_else(|e| panic!("the default {text:?} does not parse: {e}"))
+}
+
+/// Declares a program's settings, each once: its type, default, environment variable, flag and
+/// help (the doc comment). Generates
+///
+/// - `ENV_*`, the environment variable names;
+/// - `Layer`, one source of settings (the file, the environment, the flags), every field an
+///   `Option`, deserialized from TOML with `deny_unknown_fields`; `Layer::from_env`, and
+///   `overlay` (later layers win);
+/// - `Settings`, the merged layers with every default applied (`Layer::resolve`): a setting
+///   with a default is a `T`, one without an `Option<T>`;
+/// - `SETTINGS`, the table docs/configuration.md and `--help` are rendered from;
+/// - `Flags`, the clap arguments of the settings that have a flag.
+///
+/// ```text
+/// settings! {
+///     /// REST listener (the public API)
+///     listen: String = "127.0.0.1:9001", env ENV_LISTEN = "TOLLGATE_LISTEN", flag "--listen";
+///     /// PEM file of the CA(s) that sign Redis's certificate
+///     redis_ca_file: PathBuf, unset "public web roots", env ENV_REDIS_CA_FILE = "TOLLGATE_REDIS_CA_FILE";
+/// }
+/// ```
+///
+/// The crate using it needs `serde` and `clap` among its dependencies.
+#[macro_export]
+macro_rules! settings {
+    ($(
+        $(#[doc = $help:literal])+
+        $key:ident : $ty:ty $(= $default:literal)? $(, unset $unset:literal)?,
+            env $env_const:ident = $env:literal $(, flag $flag:literal)?;
+    )+) => {
+        $(pub const $env_const: &str = $env;)+
+
+        /// One source of settings; every field optional, later layers win.
+        #[derive(Debug, Default, ::serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct Layer {
+            $($(#[doc = $help])+ pub $key: Option<$ty>,)+
+        }
+
+        /// The layers merged, with every default applied.
+        #[derive(Debug)]
+        pub struct Settings {
+            $(pub $key: $crate::settings!(@type $ty $(, $default)?),)+
+        }
+
+        /// Every setting, in the order of the docs.
+        pub const SETTINGS: &[$crate::config::SettingDoc] = &[$(
+            $crate::config::SettingDoc {
+                key: stringify!($key),
+                env: $env,
+                flag: $crate::settings!(@option $($flag)?),
+                default: $crate::settings!(@default $(value $default)? $(unset $unset)?),
+                help: $crate::config::__trim_doc(concat!($($help),+)),
+            },
+        )+];
+
+        impl Layer {
+            fn from_env(
+                env: &dyn $crate::config::Env,
+                problems: &mut $crate::config::Problems,
+            ) -> Layer {
+                Layer { $($key: problems.env(env, $env),)+ }
+            }
+
+            /// `other`'s settings win over `self`'s.
+            fn overlay(self, other: Layer) -> Layer {
+                Layer { $($key: other.$key.or(self.$key),)+ }
+            }
+
+            fn resolve(self) -> Settings {
+                Settings { $($key: $crate::settings!(@resolve self.$key $(, $default)?),)+ }
+            }
+        }
+
+        /// The settings given as command-line flags (`#[command(flatten)]` them into the CLI).
+        #[derive(Debug, Default)]
+        pub struct Flags(pub Layer);
+
+        impl ::clap::FromArgMatches for Flags {
+            fn from_arg_matches(matches: &::clap::ArgMatches) -> Result<Self, ::clap::Error> {
+                Ok(Flags(Layer {
+                    $($key: $crate::settings!(@flag matches, $key, $ty $(, $flag)?),)+
+                }))
+            }
+
+            fn update_from_arg_matches(
+                &mut self,
+                matches: &::clap::ArgMatches,
+            ) -> Result<(), ::clap::Error> {
+                *self = Self::from_arg_matches(matches)?;
+                Ok(())
+            }
+        }
+
+        impl ::clap::Args for Flags {
+            fn augment_args(command: ::clap::Command) -> ::clap::Command {
+                let mut command = command;
+                for (setting, flag, parse) in [$($(
+                    (
+                        stringify!($key),
+                        $flag,
+                        ::clap::builder::ValueParser::new(|value: &str| {
+                            value.parse::<$ty>().map_err(|e| e.to_string())
+                        }),
+                    ),
+                )?)+] {
+                    let help = SETTINGS
+                        .iter()
+                        .find(|s| s.key == setting)
+                        .map(|s| s.flag_help())
+                        .unwrap_or_default();
+                    command = command.arg(
+                        ::clap::Arg::new(setting)
+                            .long(flag.trim_start_matches("--"))
+                            .global(true)
+                            .value_parser(parse)
+                            .help(help),
+                    );
+                }
+                command
+            }
+
+            fn augment_args_for_update(command: ::clap::Command) -> ::clap::Command {
+                Self::augment_args(command)
+            }
+        }
+    };
+    (@type $ty:ty, $default:literal) => { $ty };
+    (@type $ty:ty) => { Option<$ty> };
+    (@option $flag:literal) => { Some($flag) };
+    (@option) => { None };
+    (@default value $default:literal) => { $crate::config::DefaultDoc::Value($default) };
+    (@default unset $unset:literal) => { $crate::config::DefaultDoc::Unset($unset) };
+    (@resolve $value:expr, $default:literal) => {
+        $value.unwrap_or_else(|| $crate::config::parse_default($default))
+    };
+    (@resolve $value:expr) => { $value };
+    (@flag $matches:ident, $key:ident, $ty:ty, $flag:literal) => {
+        $matches.get_one::<$ty>(stringify!($key)).cloned()
+    };
+    (@flag $matches:ident, $key:ident, $ty:ty) => { None };
+}
+
+/// A doc comment's text without the space after `///`.
+#[doc(hidden)]
+pub const fn __trim_doc(text: &'static str) -> &'static str {
+    text.trim_ascii()
+}
+
+/// A list of strings: an array in a file, comma-separated in the environment and on flags.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(transparent)]
+pub struct List(pub Vec<String>);
+
+impl FromStr for List {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(List(
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        ))
+    }
+}
+
 /// Every configuration problem found, one line each, naming the setting.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", .0.join("\n"))]
@@ -148,9 +401,8 @@ impl Problems {
     }
 }
 
-/// The Redis key prefix both programs share (default `tg`): 1-32 letters, digits, `_` or `-`.
-pub fn redis_prefix(problems: &mut Problems, value: Option<String>) -> String {
-    let prefix = value.unwrap_or_else(|| "tg".to_owned());
+/// Checks the Redis key prefix both programs share: 1-32 letters, digits, `_` or `-`.
+pub fn redis_prefix(problems: &mut Problems, prefix: String) -> String {
     if prefix.is_empty()
         || prefix.len() > 32
         || !prefix
@@ -165,9 +417,8 @@ pub fn redis_prefix(problems: &mut Problems, value: Option<String>) -> String {
     prefix
 }
 
-/// A tracing filter directive (default `info`), checked the way the log set-up will parse it.
-pub fn log_filter(problems: &mut Problems, value: Option<String>) -> String {
-    let filter = value.unwrap_or_else(|| "info".to_owned());
+/// Checks a tracing filter directive the way the log set-up will parse it.
+pub fn log_filter(problems: &mut Problems, filter: String) -> String {
     if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&filter) {
         problems.push("log", format_args!("{filter:?} is not a filter: {e}"));
     }
@@ -336,6 +587,24 @@ mod tests {
         check("5x", None);
         check("", None);
         check("-1s", None);
+    }
+
+    #[test]
+    fn flag_help_names_the_variable_and_default_without_links() {
+        let doc = SettingDoc {
+            key: "database_url",
+            env: "DATABASE_URL",
+            flag: Some("--database-url"),
+            default: DefaultDoc::Value("postgres://h/db"),
+            help: "PostgreSQL, as libpq: [deployment.md](deployment.md#tls) (secret)",
+        };
+        assert_eq!(
+            doc.flag_help(),
+            "PostgreSQL, as libpq: deployment.md (secret) [env: DATABASE_URL] [default: postgres://h/db]"
+        );
+        assert!(doc_table(&[doc]).contains(
+            "| `database_url` | `DATABASE_URL` | `--database-url` | `postgres://h/db` | PostgreSQL, as libpq: [deployment.md](deployment.md#tls) (secret) |"
+        ));
     }
 
     #[test]

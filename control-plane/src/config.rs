@@ -1,66 +1,161 @@
 //! The control plane's one `Config`, built as defaults < file (`--config`) < environment < flags
-//! and validated as a whole. Every environment variable name is a constant here.
+//! and validated as a whole. Every setting is declared once, in `settings!` below: its type,
+//! default, environment variable, flag and help, from which `--help` and docs/configuration.md
+//! are made.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use serde::Deserialize;
 use tollgate_common::config::{ConfigError, Env, LogFormat, Millis, Problems, Secret};
 
-pub const ENV_LISTEN: &str = "TOLLGATE_LISTEN";
-pub const ENV_INTERNAL_LISTEN: &str = "TOLLGATE_INTERNAL_LISTEN";
-pub const ENV_DATABASE_CA_FILE: &str = "TOLLGATE_DATABASE_CA_FILE";
-pub const ENV_REDIS_CA_FILE: &str = "TOLLGATE_REDIS_CA_FILE";
-pub const ENV_NOTIFY_BODY_LIMIT: &str = "TOLLGATE_NOTIFY_BODY_LIMIT_BYTES";
-pub const ENV_NOTIFY_REJECTED_PER_MINUTE: &str = "TOLLGATE_NOTIFY_REJECTED_PER_MINUTE";
-pub const ENV_HASH_QUEUE: &str = "TOLLGATE_HASH_QUEUE";
-pub const ENV_LOGIN_BASE_DELAY: &str = "TOLLGATE_LOGIN_BASE_DELAY";
-pub const ENV_LOGIN_MAX_DELAY: &str = "TOLLGATE_LOGIN_MAX_DELAY";
-pub const ENV_LOGIN_WINDOW: &str = "TOLLGATE_LOGIN_WINDOW";
-pub const ENV_DATABASE_URL: &str = "DATABASE_URL";
-pub const ENV_REDIS_URL: &str = "REDIS_URL";
-pub const ENV_REDIS_PREFIX: &str = "TOLLGATE_REDIS_PREFIX";
-pub const ENV_PUBLIC_URL: &str = "TOLLGATE_PUBLIC_URL";
-pub const ENV_DATA_DIR: &str = "TOLLGATE_DATA_DIR";
-pub const ENV_BODY_LIMIT: &str = "TOLLGATE_BODY_LIMIT_BYTES";
-pub const ENV_DB_POOL_SIZE: &str = "TOLLGATE_DB_POOL_SIZE";
-pub const ENV_LOG_FORMAT: &str = "TOLLGATE_LOG_FORMAT";
-pub const ENV_LOG: &str = "TOLLGATE_LOG";
-pub const ENV_SHUTDOWN_GRACE: &str = "TOLLGATE_SHUTDOWN_GRACE";
-pub const ENV_MAX_CONNECTIONS: &str = "TOLLGATE_MAX_CONNECTIONS";
-pub const ENV_MAX_IN_FLIGHT: &str = "TOLLGATE_MAX_IN_FLIGHT";
-pub const ENV_IDLE_TIMEOUT: &str = "TOLLGATE_IDLE_TIMEOUT";
-pub const ENV_HEADER_READ_TIMEOUT: &str = "TOLLGATE_HEADER_READ_TIMEOUT";
-pub const ENV_BODY_READ_TIMEOUT: &str = "TOLLGATE_BODY_READ_TIMEOUT";
-pub const ENV_JWT_KEYS_DIR: &str = "TOLLGATE_JWT_KEYS_DIR";
-pub const ENV_JWT_ACTIVE_KID: &str = "TOLLGATE_JWT_ACTIVE_KID";
-pub const ENV_JWT_PRIVATE_KEY: &str = "TOLLGATE_JWT_PRIVATE_KEY";
-pub const ENV_JWT_KID: &str = "TOLLGATE_JWT_KID";
-pub const ENV_JWT_ISSUER: &str = "TOLLGATE_JWT_ISSUER";
-pub const ENV_JWT_AUDIENCE: &str = "TOLLGATE_JWT_AUDIENCE";
-pub const ENV_ACCESS_TTL: &str = "TOLLGATE_ACCESS_TOKEN_TTL";
-pub const ENV_REFRESH_TTL: &str = "TOLLGATE_REFRESH_TOKEN_TTL";
-pub const ENV_LOGIN_MAX_FAILURES_ACCOUNT: &str = "TOLLGATE_LOGIN_MAX_FAILURES_ACCOUNT";
-pub const ENV_LOGIN_MAX_FAILURES_CLIENT: &str = "TOLLGATE_LOGIN_MAX_FAILURES_CLIENT";
-pub const ENV_HASH_CONCURRENCY: &str = "TOLLGATE_HASH_CONCURRENCY";
-pub const ENV_TRUST_FORWARDED_FOR: &str = "TOLLGATE_TRUST_FORWARDED_FOR";
-pub const ENV_ALIPAY_GATEWAY_URL: &str = "TOLLGATE_ALIPAY_GATEWAY_URL";
-pub const ENV_ALIPAY_APP_ID: &str = "TOLLGATE_ALIPAY_APP_ID";
-pub const ENV_ALIPAY_SELLER_ID: &str = "TOLLGATE_ALIPAY_SELLER_ID";
-pub const ENV_ALIPAY_APP_PRIVATE_KEY_FILE: &str = "TOLLGATE_ALIPAY_APP_PRIVATE_KEY_FILE";
-pub const ENV_ALIPAY_PUBLIC_KEY_FILE: &str = "TOLLGATE_ALIPAY_PUBLIC_KEY_FILE";
-pub const ENV_WECHAT_API_BASE: &str = "TOLLGATE_WECHAT_API_BASE";
-pub const ENV_WECHAT_MCHID: &str = "TOLLGATE_WECHAT_MCHID";
-pub const ENV_WECHAT_APPID: &str = "TOLLGATE_WECHAT_APPID";
-pub const ENV_WECHAT_MERCHANT_SERIAL: &str = "TOLLGATE_WECHAT_MERCHANT_SERIAL";
-pub const ENV_WECHAT_MERCHANT_PRIVATE_KEY_FILE: &str = "TOLLGATE_WECHAT_MERCHANT_PRIVATE_KEY_FILE";
-pub const ENV_WECHAT_PLATFORM_SERIAL: &str = "TOLLGATE_WECHAT_PLATFORM_SERIAL";
-pub const ENV_WECHAT_PLATFORM_PUBLIC_KEY_FILE: &str = "TOLLGATE_WECHAT_PLATFORM_PUBLIC_KEY_FILE";
-pub const ENV_WECHAT_APIV3_KEY: &str = "TOLLGATE_WECHAT_APIV3_KEY";
-pub const ENV_ORDER_TTL: &str = "TOLLGATE_ORDER_TTL";
-pub const ENV_USAGE_CLOSE_GRACE: &str = "TOLLGATE_USAGE_CLOSE_GRACE";
-pub const ENV_USAGE_LOOKBACK: &str = "TOLLGATE_USAGE_LOOKBACK";
-pub const ENV_USAGE_MINUTE_RETENTION: &str = "TOLLGATE_USAGE_MINUTE_RETENTION";
+tollgate_common::settings! {
+    /// REST listener (the public API)
+    listen: String = "127.0.0.1:9001", env ENV_LISTEN = "TOLLGATE_LISTEN", flag "--listen";
+    /// the sidecars' calls (`/internal/`) and nothing else; must differ from `listen`. Expose it
+    /// to the sidecars only
+    internal_listen: String = "127.0.0.1:9002",
+        env ENV_INTERNAL_LISTEN = "TOLLGATE_INTERNAL_LISTEN";
+    /// PostgreSQL (secret). TLS with `sslmode=require`, `verify-ca` or `verify-full` (and
+    /// `sslrootcert=/path/ca.pem`), as libpq:
+    /// [deployment.md](deployment.md#tls-to-redis-and-postgresql)
+    database_url: Secret = "postgres://postgres@127.0.0.1:5432/tollgate",
+        env ENV_DATABASE_URL = "DATABASE_URL", flag "--database-url";
+    /// PEM file of the CA(s) that sign PostgreSQL's certificate, when the URL names no
+    /// `sslrootcert`
+    database_ca_file: PathBuf, unset "none",
+        env ENV_DATABASE_CA_FILE = "TOLLGATE_DATABASE_CA_FILE";
+    /// Redis; `redis-cluster://host:port` for Redis Cluster; `rediss://` (`rediss-cluster://`)
+    /// for TLS (secret)
+    redis_url: Secret = "redis://127.0.0.1:6379",
+        env ENV_REDIS_URL = "REDIS_URL", flag "--redis-url";
+    /// PEM file of the CA(s) that sign Redis's certificate (`rediss://`)
+    redis_ca_file: PathBuf, unset "public web roots",
+        env ENV_REDIS_CA_FILE = "TOLLGATE_REDIS_CA_FILE";
+    /// prefix of every Redis key; must match the sidecars'
+    redis_prefix: String = "tg", env ENV_REDIS_PREFIX = "TOLLGATE_REDIS_PREFIX";
+    /// the URL users and payment gateways reach this service at
+    public_url: String, unset "`http://<listen>`", env ENV_PUBLIC_URL = "TOLLGATE_PUBLIC_URL";
+    /// where development keys are generated when none are configured
+    data_dir: PathBuf, unset "none", env ENV_DATA_DIR = "TOLLGATE_DATA_DIR";
+    /// largest request body (1024–67108864); larger answers `413 payload_too_large`
+    body_limit_bytes: usize = "1048576", env ENV_BODY_LIMIT = "TOLLGATE_BODY_LIMIT_BYTES";
+    /// largest payment notification (1024–1048576); larger is refused with `413` and only a
+    /// bounded record kept ([payments.md](payments.md#notifications))
+    notify_body_limit_bytes: usize = "16384",
+        env ENV_NOTIFY_BODY_LIMIT = "TOLLGATE_NOTIFY_BODY_LIMIT_BYTES";
+    /// rejected (unverified) notifications recorded per channel and minute, per replica; the
+    /// rest are only counted
+    notify_rejected_per_minute: u32 = "60",
+        env ENV_NOTIFY_REJECTED_PER_MINUTE = "TOLLGATE_NOTIFY_REJECTED_PER_MINUTE";
+    /// PostgreSQL connections per process (1–512)
+    db_pool_size: usize = "16", env ENV_DB_POOL_SIZE = "TOLLGATE_DB_POOL_SIZE";
+    /// `json` (one object per line) or `text`
+    log_format: LogFormat = "json", env ENV_LOG_FORMAT = "TOLLGATE_LOG_FORMAT";
+    /// a tracing filter, e.g. `info,tollgate_control_plane=debug`
+    log: String = "info", env ENV_LOG = "TOLLGATE_LOG";
+    /// after SIGTERM, how long the requests already received may take; then the process exits
+    shutdown_grace: Millis = "20s", env ENV_SHUTDOWN_GRACE = "TOLLGATE_SHUTDOWN_GRACE";
+    /// open client connections; at the cap the idlest is closed to make room, else
+    /// `503 overloaded` with `Retry-After: 1`. Lowered at start if the open-files limit cannot
+    /// hold it
+    max_connections: usize = "1024", env ENV_MAX_CONNECTIONS = "TOLLGATE_MAX_CONNECTIONS";
+    /// requests in progress; past it `503 overloaded` with `Retry-After: 1` at once
+    max_in_flight: usize = "256", env ENV_MAX_IN_FLIGHT = "TOLLGATE_MAX_IN_FLIGHT";
+    /// a connection with no request in progress is closed (HTTP/2: GOAWAY); keep it longer than
+    /// the idle timeout of the proxy in front
+    idle_timeout: Millis = "75s", env ENV_IDLE_TIMEOUT = "TOLLGATE_IDLE_TIMEOUT";
+    /// a request head must be complete this long after its first byte, else the connection is
+    /// cut
+    header_read_timeout: Millis = "10s",
+        env ENV_HEADER_READ_TIMEOUT = "TOLLGATE_HEADER_READ_TIMEOUT";
+    /// the longest a request body may stall between two pieces (then `400`)
+    body_read_timeout: Millis = "30s", env ENV_BODY_READ_TIMEOUT = "TOLLGATE_BODY_READ_TIMEOUT";
+    /// directory of Ed25519 PKCS#8 PEM signing keys, `<kid>.pem`; all are published in the JWKS
+    jwt_keys_dir: PathBuf, unset "none", env ENV_JWT_KEYS_DIR = "TOLLGATE_JWT_KEYS_DIR";
+    /// which key of the directory signs
+    jwt_active_kid: String, unset "last by name", env ENV_JWT_ACTIVE_KID = "TOLLGATE_JWT_ACTIVE_KID";
+    /// one inline PEM signing key (secret), with `jwt_kid`
+    jwt_private_key: Secret, unset "none", env ENV_JWT_PRIVATE_KEY = "TOLLGATE_JWT_PRIVATE_KEY";
+    /// the kid of `jwt_private_key`
+    jwt_kid: String, unset "none", env ENV_JWT_KID = "TOLLGATE_JWT_KID";
+    /// `iss` of access tokens; the sidecars must expect the same
+    jwt_issuer: String = "tollgate", env ENV_JWT_ISSUER = "TOLLGATE_JWT_ISSUER";
+    /// `aud` of access tokens; the sidecars must expect the same
+    jwt_audience: String = "tollgate", env ENV_JWT_AUDIENCE = "TOLLGATE_JWT_AUDIENCE";
+    /// access-token lifetime (10s–24h)
+    access_token_ttl: Millis = "15m", env ENV_ACCESS_TTL = "TOLLGATE_ACCESS_TOKEN_TTL";
+    /// refresh-token lifetime (sliding); longer than `access_token_ttl`
+    refresh_token_ttl: Millis = "30d", env ENV_REFRESH_TTL = "TOLLGATE_REFRESH_TOKEN_TTL";
+    /// failed logins of one account **from one client** at which that client starts to wait for
+    /// that account ([auth.md](auth.md#login-throttling))
+    login_max_failures_account: u32 = "5",
+        env ENV_LOGIN_MAX_FAILURES_ACCOUNT = "TOLLGATE_LOGIN_MAX_FAILURES_ACCOUNT";
+    /// failed logins from one client (any accounts) at which it starts to wait
+    login_max_failures_client: u32 = "20",
+        env ENV_LOGIN_MAX_FAILURES_CLIENT = "TOLLGATE_LOGIN_MAX_FAILURES_CLIENT";
+    /// the first wait; doubles with each further failure (≥ 100ms)
+    login_base_delay: Millis = "1s", env ENV_LOGIN_BASE_DELAY = "TOLLGATE_LOGIN_BASE_DELAY";
+    /// the longest wait (≤ 1h)
+    login_max_delay: Millis = "5m", env ENV_LOGIN_MAX_DELAY = "TOLLGATE_LOGIN_MAX_DELAY";
+    /// failures are forgotten this long after the last one
+    login_window: Millis = "15m", env ENV_LOGIN_WINDOW = "TOLLGATE_LOGIN_WINDOW";
+    /// password hashes computed at once (19 MiB each), 1–64; not the number of cores, so memory
+    /// does not grow with the node
+    hash_concurrency: usize = "2", env ENV_HASH_CONCURRENCY = "TOLLGATE_HASH_CONCURRENCY";
+    /// logins/registrations that may wait for a hashing slot; past that `503 busy` with
+    /// `Retry-After: 1`
+    hash_queue: usize = "64", env ENV_HASH_QUEUE = "TOLLGATE_HASH_QUEUE";
+    /// take the client address from the last `X-Forwarded-For` hop (only behind a proxy that
+    /// sets it)
+    trust_forwarded_for: bool = "false",
+        env ENV_TRUST_FORWARDED_FOR = "TOLLGATE_TRUST_FORWARDED_FOR";
+    /// Alipay's gateway ([payments.md](payments.md#all-settings))
+    alipay_gateway_url: String = "https://openapi.alipay.com/gateway.do",
+        env ENV_ALIPAY_GATEWAY_URL = "TOLLGATE_ALIPAY_GATEWAY_URL";
+    /// Alipay: the app id; set it and the next three, or none of them
+    alipay_app_id: String, unset "none", env ENV_ALIPAY_APP_ID = "TOLLGATE_ALIPAY_APP_ID";
+    /// Alipay: the seller id
+    alipay_seller_id: String, unset "none", env ENV_ALIPAY_SELLER_ID = "TOLLGATE_ALIPAY_SELLER_ID";
+    /// Alipay: the app's private key file (PEM)
+    alipay_app_private_key_file: PathBuf, unset "none",
+        env ENV_ALIPAY_APP_PRIVATE_KEY_FILE = "TOLLGATE_ALIPAY_APP_PRIVATE_KEY_FILE";
+    /// Alipay: Alipay's public key file (PEM)
+    alipay_public_key_file: PathBuf, unset "none",
+        env ENV_ALIPAY_PUBLIC_KEY_FILE = "TOLLGATE_ALIPAY_PUBLIC_KEY_FILE";
+    /// WeChat Pay's API ([payments.md](payments.md#all-settings))
+    wechat_api_base: String = "https://api.mch.weixin.qq.com",
+        env ENV_WECHAT_API_BASE = "TOLLGATE_WECHAT_API_BASE";
+    /// WeChat Pay: the merchant id; set it and the next six, or none of them
+    wechat_mchid: String, unset "none", env ENV_WECHAT_MCHID = "TOLLGATE_WECHAT_MCHID";
+    /// WeChat Pay: the app id
+    wechat_appid: String, unset "none", env ENV_WECHAT_APPID = "TOLLGATE_WECHAT_APPID";
+    /// WeChat Pay: the merchant certificate's serial
+    wechat_merchant_serial: String, unset "none",
+        env ENV_WECHAT_MERCHANT_SERIAL = "TOLLGATE_WECHAT_MERCHANT_SERIAL";
+    /// WeChat Pay: the merchant private key file (PEM)
+    wechat_merchant_private_key_file: PathBuf, unset "none",
+        env ENV_WECHAT_MERCHANT_PRIVATE_KEY_FILE = "TOLLGATE_WECHAT_MERCHANT_PRIVATE_KEY_FILE";
+    /// WeChat Pay: the platform public key's id
+    wechat_platform_serial: String, unset "none",
+        env ENV_WECHAT_PLATFORM_SERIAL = "TOLLGATE_WECHAT_PLATFORM_SERIAL";
+    /// WeChat Pay: the platform public key file (PEM)
+    wechat_platform_public_key_file: PathBuf, unset "none",
+        env ENV_WECHAT_PLATFORM_PUBLIC_KEY_FILE = "TOLLGATE_WECHAT_PLATFORM_PUBLIC_KEY_FILE";
+    /// WeChat Pay: the APIv3 key, exactly 32 characters (secret)
+    wechat_apiv3_key: Secret, unset "none", env ENV_WECHAT_APIV3_KEY = "TOLLGATE_WECHAT_APIV3_KEY";
+    /// how long an order may be paid (at least `1m`); the gateways are told the same expiry
+    order_ttl: Millis = "30m", env ENV_ORDER_TTL = "TOLLGATE_ORDER_TTL";
+    /// how long after a minute ends its usage buckets are drained: the clock skew allowed between
+    /// sidecars and control plane; at most 10m
+    usage_close_grace: Millis = "10s", env ENV_USAGE_CLOSE_GRACE = "TOLLGATE_USAGE_CLOSE_GRACE";
+    /// how far back the drain looks for late changes to drained minutes (refunds); must exceed
+    /// the sidecars' `upstream_timeout` + `settle_window`; 5m..7d
+    usage_lookback: Millis = "15m", env ENV_USAGE_LOOKBACK = "TOLLGATE_USAGE_LOOKBACK";
+    /// minute rows of the usage ledger older than this are deleted (month rows are kept); at
+    /// least `1d`
+    usage_minute_retention: Millis = "35d",
+        env ENV_USAGE_MINUTE_RETENTION = "TOLLGATE_USAGE_MINUTE_RETENTION";
+}
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -184,205 +279,11 @@ pub struct LoginConfig {
     pub window: Millis,
 }
 
-/// One source of settings; every field optional, later layers win.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Layer {
-    pub listen: Option<String>,
-    pub internal_listen: Option<String>,
-    pub database_url: Option<Secret>,
-    pub redis_url: Option<Secret>,
-    pub database_ca_file: Option<PathBuf>,
-    pub redis_ca_file: Option<PathBuf>,
-    pub redis_prefix: Option<String>,
-    pub public_url: Option<String>,
-    pub data_dir: Option<PathBuf>,
-    pub body_limit_bytes: Option<usize>,
-    pub notify_body_limit_bytes: Option<usize>,
-    pub notify_rejected_per_minute: Option<u32>,
-    pub db_pool_size: Option<usize>,
-    pub log_format: Option<LogFormat>,
-    pub log: Option<String>,
-    pub shutdown_grace: Option<Millis>,
-    pub max_connections: Option<usize>,
-    pub max_in_flight: Option<usize>,
-    pub idle_timeout: Option<Millis>,
-    pub header_read_timeout: Option<Millis>,
-    pub body_read_timeout: Option<Millis>,
-    pub jwt_keys_dir: Option<PathBuf>,
-    pub jwt_active_kid: Option<String>,
-    pub jwt_private_key: Option<Secret>,
-    pub jwt_kid: Option<String>,
-    pub jwt_issuer: Option<String>,
-    pub jwt_audience: Option<String>,
-    pub access_token_ttl: Option<Millis>,
-    pub refresh_token_ttl: Option<Millis>,
-    pub login_max_failures_account: Option<u32>,
-    pub login_max_failures_client: Option<u32>,
-    pub login_base_delay: Option<Millis>,
-    pub login_max_delay: Option<Millis>,
-    pub login_window: Option<Millis>,
-    pub hash_concurrency: Option<usize>,
-    pub hash_queue: Option<usize>,
-    pub trust_forwarded_for: Option<bool>,
-    pub alipay_gateway_url: Option<String>,
-    pub alipay_app_id: Option<String>,
-    pub alipay_seller_id: Option<String>,
-    pub alipay_app_private_key_file: Option<PathBuf>,
-    pub alipay_public_key_file: Option<PathBuf>,
-    pub wechat_api_base: Option<String>,
-    pub wechat_mchid: Option<String>,
-    pub wechat_appid: Option<String>,
-    pub wechat_merchant_serial: Option<String>,
-    pub wechat_merchant_private_key_file: Option<PathBuf>,
-    pub wechat_platform_serial: Option<String>,
-    pub wechat_platform_public_key_file: Option<PathBuf>,
-    pub wechat_apiv3_key: Option<Secret>,
-    pub order_ttl: Option<Millis>,
-    pub usage_close_grace: Option<Millis>,
-    pub usage_lookback: Option<Millis>,
-    pub usage_minute_retention: Option<Millis>,
-}
-
-impl Layer {
-    fn from_env(env: &dyn Env, problems: &mut Problems) -> Layer {
-        Layer {
-            listen: env.var(ENV_LISTEN),
-            internal_listen: env.var(ENV_INTERNAL_LISTEN),
-            database_url: env.var(ENV_DATABASE_URL).map(Secret::new),
-            redis_url: env.var(ENV_REDIS_URL).map(Secret::new),
-            database_ca_file: env.var(ENV_DATABASE_CA_FILE).map(PathBuf::from),
-            redis_ca_file: env.var(ENV_REDIS_CA_FILE).map(PathBuf::from),
-            redis_prefix: env.var(ENV_REDIS_PREFIX),
-            public_url: env.var(ENV_PUBLIC_URL),
-            data_dir: env.var(ENV_DATA_DIR).map(PathBuf::from),
-            body_limit_bytes: problems.env(env, ENV_BODY_LIMIT),
-            notify_body_limit_bytes: problems.env(env, ENV_NOTIFY_BODY_LIMIT),
-            notify_rejected_per_minute: problems.env(env, ENV_NOTIFY_REJECTED_PER_MINUTE),
-            db_pool_size: problems.env(env, ENV_DB_POOL_SIZE),
-            log_format: problems.env(env, ENV_LOG_FORMAT),
-            log: env.var(ENV_LOG),
-            shutdown_grace: problems.env(env, ENV_SHUTDOWN_GRACE),
-            max_connections: problems.env(env, ENV_MAX_CONNECTIONS),
-            max_in_flight: problems.env(env, ENV_MAX_IN_FLIGHT),
-            idle_timeout: problems.env(env, ENV_IDLE_TIMEOUT),
-            header_read_timeout: problems.env(env, ENV_HEADER_READ_TIMEOUT),
-            body_read_timeout: problems.env(env, ENV_BODY_READ_TIMEOUT),
-            jwt_keys_dir: env.var(ENV_JWT_KEYS_DIR).map(PathBuf::from),
-            jwt_active_kid: env.var(ENV_JWT_ACTIVE_KID),
-            jwt_private_key: env.var(ENV_JWT_PRIVATE_KEY).map(Secret::new),
-            jwt_kid: env.var(ENV_JWT_KID),
-            jwt_issuer: env.var(ENV_JWT_ISSUER),
-            jwt_audience: env.var(ENV_JWT_AUDIENCE),
-            access_token_ttl: problems.env(env, ENV_ACCESS_TTL),
-            refresh_token_ttl: problems.env(env, ENV_REFRESH_TTL),
-            login_max_failures_account: problems.env(env, ENV_LOGIN_MAX_FAILURES_ACCOUNT),
-            login_max_failures_client: problems.env(env, ENV_LOGIN_MAX_FAILURES_CLIENT),
-            login_base_delay: problems.env(env, ENV_LOGIN_BASE_DELAY),
-            login_max_delay: problems.env(env, ENV_LOGIN_MAX_DELAY),
-            login_window: problems.env(env, ENV_LOGIN_WINDOW),
-            hash_concurrency: problems.env(env, ENV_HASH_CONCURRENCY),
-            hash_queue: problems.env(env, ENV_HASH_QUEUE),
-            trust_forwarded_for: problems.env(env, ENV_TRUST_FORWARDED_FOR),
-            alipay_gateway_url: env.var(ENV_ALIPAY_GATEWAY_URL),
-            alipay_app_id: env.var(ENV_ALIPAY_APP_ID),
-            alipay_seller_id: env.var(ENV_ALIPAY_SELLER_ID),
-            alipay_app_private_key_file: env
-                .var(ENV_ALIPAY_APP_PRIVATE_KEY_FILE)
-                .map(PathBuf::from),
-            alipay_public_key_file: env.var(ENV_ALIPAY_PUBLIC_KEY_FILE).map(PathBuf::from),
-            wechat_api_base: env.var(ENV_WECHAT_API_BASE),
-            wechat_mchid: env.var(ENV_WECHAT_MCHID),
-            wechat_appid: env.var(ENV_WECHAT_APPID),
-            wechat_merchant_serial: env.var(ENV_WECHAT_MERCHANT_SERIAL),
-            wechat_merchant_private_key_file: env
-                .var(ENV_WECHAT_MERCHANT_PRIVATE_KEY_FILE)
-                .map(PathBuf::from),
-            wechat_platform_serial: env.var(ENV_WECHAT_PLATFORM_SERIAL),
-            wechat_platform_public_key_file: env
-                .var(ENV_WECHAT_PLATFORM_PUBLIC_KEY_FILE)
-                .map(PathBuf::from),
-            wechat_apiv3_key: env.var(ENV_WECHAT_APIV3_KEY).map(Secret::new),
-            order_ttl: problems.env(env, ENV_ORDER_TTL),
-            usage_close_grace: problems.env(env, ENV_USAGE_CLOSE_GRACE),
-            usage_lookback: problems.env(env, ENV_USAGE_LOOKBACK),
-            usage_minute_retention: problems.env(env, ENV_USAGE_MINUTE_RETENTION),
-        }
-    }
-
-    /// `other`'s settings win over `self`'s.
-    fn overlay(self, other: Layer) -> Layer {
-        Layer {
-            listen: other.listen.or(self.listen),
-            internal_listen: other.internal_listen.or(self.internal_listen),
-            database_url: other.database_url.or(self.database_url),
-            redis_url: other.redis_url.or(self.redis_url),
-            database_ca_file: other.database_ca_file.or(self.database_ca_file),
-            redis_ca_file: other.redis_ca_file.or(self.redis_ca_file),
-            redis_prefix: other.redis_prefix.or(self.redis_prefix),
-            public_url: other.public_url.or(self.public_url),
-            data_dir: other.data_dir.or(self.data_dir),
-            body_limit_bytes: other.body_limit_bytes.or(self.body_limit_bytes),
-            notify_body_limit_bytes: other
-                .notify_body_limit_bytes
-                .or(self.notify_body_limit_bytes),
-            notify_rejected_per_minute: other
-                .notify_rejected_per_minute
-                .or(self.notify_rejected_per_minute),
-            db_pool_size: other.db_pool_size.or(self.db_pool_size),
-            log_format: other.log_format.or(self.log_format),
-            log: other.log.or(self.log),
-            shutdown_grace: other.shutdown_grace.or(self.shutdown_grace),
-            max_connections: other.max_connections.or(self.max_connections),
-            max_in_flight: other.max_in_flight.or(self.max_in_flight),
-            idle_timeout: other.idle_timeout.or(self.idle_timeout),
-            header_read_timeout: other.header_read_timeout.or(self.header_read_timeout),
-            body_read_timeout: other.body_read_timeout.or(self.body_read_timeout),
-            jwt_keys_dir: other.jwt_keys_dir.or(self.jwt_keys_dir),
-            jwt_active_kid: other.jwt_active_kid.or(self.jwt_active_kid),
-            jwt_private_key: other.jwt_private_key.or(self.jwt_private_key),
-            jwt_kid: other.jwt_kid.or(self.jwt_kid),
-            jwt_issuer: other.jwt_issuer.or(self.jwt_issuer),
-            jwt_audience: other.jwt_audience.or(self.jwt_audience),
-            access_token_ttl: other.access_token_ttl.or(self.access_token_ttl),
-            refresh_token_ttl: other.refresh_token_ttl.or(self.refresh_token_ttl),
-            login_max_failures_account: other
-                .login_max_failures_account
-                .or(self.login_max_failures_account),
-            login_max_failures_client: other
-                .login_max_failures_client
-                .or(self.login_max_failures_client),
-            login_base_delay: other.login_base_delay.or(self.login_base_delay),
-            login_max_delay: other.login_max_delay.or(self.login_max_delay),
-            login_window: other.login_window.or(self.login_window),
-            hash_concurrency: other.hash_concurrency.or(self.hash_concurrency),
-            hash_queue: other.hash_queue.or(self.hash_queue),
-            trust_forwarded_for: other.trust_forwarded_for.or(self.trust_forwarded_for),
-            alipay_gateway_url: other.alipay_gateway_url.or(self.alipay_gateway_url),
-            alipay_app_id: other.alipay_app_id.or(self.alipay_app_id),
-            alipay_seller_id: other.alipay_seller_id.or(self.alipay_seller_id),
-            alipay_app_private_key_file: other
-                .alipay_app_private_key_file
-                .or(self.alipay_app_private_key_file),
-            alipay_public_key_file: other.alipay_public_key_file.or(self.alipay_public_key_file),
-            wechat_api_base: other.wechat_api_base.or(self.wechat_api_base),
-            wechat_mchid: other.wechat_mchid.or(self.wechat_mchid),
-            wechat_appid: other.wechat_appid.or(self.wechat_appid),
-            wechat_merchant_serial: other.wechat_merchant_serial.or(self.wechat_merchant_serial),
-            wechat_merchant_private_key_file: other
-                .wechat_merchant_private_key_file
-                .or(self.wechat_merchant_private_key_file),
-            wechat_platform_serial: other.wechat_platform_serial.or(self.wechat_platform_serial),
-            wechat_platform_public_key_file: other
-                .wechat_platform_public_key_file
-                .or(self.wechat_platform_public_key_file),
-            wechat_apiv3_key: other.wechat_apiv3_key.or(self.wechat_apiv3_key),
-            order_ttl: other.order_ttl.or(self.order_ttl),
-            usage_close_grace: other.usage_close_grace.or(self.usage_close_grace),
-            usage_lookback: other.usage_lookback.or(self.usage_lookback),
-            usage_minute_retention: other.usage_minute_retention.or(self.usage_minute_retention),
-        }
-    }
+fn addr(problems: &mut Problems, setting: &str, value: &str) -> Option<SocketAddr> {
+    value
+        .parse()
+        .map_err(|e| problems.push(setting, format_args!("{value:?} is not an address: {e}")))
+        .ok()
 }
 
 impl Config {
@@ -399,41 +300,30 @@ impl Config {
             None => Layer::default(),
         };
         let env_layer = Layer::from_env(env, &mut problems);
-        let layer = file_layer.overlay(env_layer).overlay(flags);
-        let config = Config::validate(layer, &mut problems);
+        let settings = file_layer.overlay(env_layer).overlay(flags).resolve();
+        let config = Config::validate(settings, &mut problems);
         problems.finish(config)
     }
 
-    fn validate(layer: Layer, problems: &mut Problems) -> Config {
-        let listen = layer.listen.as_deref().unwrap_or("127.0.0.1:9001");
-        let listen = listen.parse().unwrap_or_else(|e| {
-            problems.push("listen", format_args!("{listen:?} is not an address: {e}"));
-            SocketAddr::from(([127, 0, 0, 1], 9001))
-        });
-        let internal_listen = layer.internal_listen.as_deref().unwrap_or("127.0.0.1:9002");
-        let internal_listen = internal_listen.parse().unwrap_or_else(|e| {
-            problems.push(
-                "internal_listen",
-                format_args!("{internal_listen:?} is not an address: {e}"),
-            );
-            SocketAddr::from(([127, 0, 0, 1], 9002))
-        });
-        if internal_listen == listen && listen.port() != 0 {
+    fn validate(s: Settings, problems: &mut Problems) -> Config {
+        // Stands in for an address that does not parse: a problem, so the `Config` is discarded.
+        let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
+        let listen = addr(problems, "listen", &s.listen);
+        let internal_listen = addr(problems, "internal_listen", &s.internal_listen);
+        if listen.is_some_and(|l| l.port() != 0) && internal_listen == listen {
             problems.push(
                 "internal_listen",
                 "must differ from listen: /internal/ is never on the public listener",
             );
         }
-        let database_url = layer
-            .database_url
-            .unwrap_or_else(|| Secret::new("postgres://postgres@127.0.0.1:5432/tollgate"));
+        let database_url = s.database_url;
         if let Err(e) = crate::db::tls::DbTarget::parse(database_url.expose()) {
             // The parser's message never repeats the URL, so no password can leak here.
             problems.push("database_url", format_args!("not a PostgreSQL URL: {e}"));
         }
         for (setting, file) in [
-            ("database_ca_file", &layer.database_ca_file),
-            ("redis_ca_file", &layer.redis_ca_file),
+            ("database_ca_file", &s.database_ca_file),
+            ("redis_ca_file", &s.redis_ca_file),
         ] {
             if let Some(path) = file
                 && let Err(e) = crate::db::tls::read_roots(path)
@@ -441,19 +331,17 @@ impl Config {
                 problems.push(setting, e);
             }
         }
-        let redis_url = layer
-            .redis_url
-            .unwrap_or_else(|| Secret::new("redis://127.0.0.1:6379"));
+        let redis_url = s.redis_url;
         if let Err(e) = fred::types::config::Config::from_url(redis_url.expose()) {
             problems.push(
                 "redis_url",
                 format_args!("not a Redis URL: {}", e.details()),
             );
         }
-        let redis_prefix = tollgate_common::config::redis_prefix(problems, layer.redis_prefix);
-        let public_url = layer
+        let redis_prefix = tollgate_common::config::redis_prefix(problems, s.redis_prefix);
+        let public_url = s
             .public_url
-            .unwrap_or_else(|| format!("http://{listen}"))
+            .unwrap_or_else(|| format!("http://{}", listen.unwrap_or(unbound)))
             .trim_end_matches('/')
             .to_owned();
         if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
@@ -462,48 +350,46 @@ impl Config {
                 format_args!("{public_url:?} must start with http:// or https://"),
             );
         }
-        let body_limit = layer.body_limit_bytes.unwrap_or(1 << 20);
+        let body_limit = s.body_limit_bytes;
         if !(1024..=64 << 20).contains(&body_limit) {
             problems.push(
                 "body_limit_bytes",
                 format_args!("{body_limit} is outside 1024..=67108864"),
             );
         }
-        let notify_body_limit = layer.notify_body_limit_bytes.unwrap_or(16 << 10);
+        let notify_body_limit = s.notify_body_limit_bytes;
         if !(1024..=1 << 20).contains(&notify_body_limit) {
             problems.push(
                 "notify_body_limit_bytes",
                 format_args!("{notify_body_limit} is outside 1024..=1048576"),
             );
         }
-        let notify_rejected_per_minute = layer.notify_rejected_per_minute.unwrap_or(60);
-        let db_pool_size = layer.db_pool_size.unwrap_or(16);
+        let notify_rejected_per_minute = s.notify_rejected_per_minute;
+        let db_pool_size = s.db_pool_size;
         if !(1..=512).contains(&db_pool_size) {
             problems.push(
                 "db_pool_size",
                 format_args!("{db_pool_size} is outside 1..=512"),
             );
         }
-        let log_filter = tollgate_common::config::log_filter(problems, layer.log);
-        if layer.jwt_private_key.is_some() != layer.jwt_kid.is_some() {
+        let log_filter = tollgate_common::config::log_filter(problems, s.log);
+        if s.jwt_private_key.is_some() != s.jwt_kid.is_some() {
             problems.push(
                 "jwt_kid",
                 format_args!("{ENV_JWT_PRIVATE_KEY} and {ENV_JWT_KID} go together"),
             );
         }
-        if layer.jwt_private_key.is_some() && layer.jwt_keys_dir.is_some() {
+        if s.jwt_private_key.is_some() && s.jwt_keys_dir.is_some() {
             problems.push(
                 "jwt_keys_dir",
                 format_args!("give either {ENV_JWT_KEYS_DIR} or {ENV_JWT_PRIVATE_KEY}, not both"),
             );
         }
-        let access_ttl = layer.access_token_ttl.unwrap_or(Millis(15 * 60_000));
+        let access_ttl = s.access_token_ttl;
         if !(10_000..=24 * 3_600_000).contains(&access_ttl.0) {
             problems.push("access_token_ttl", "must be between 10s and 24h");
         }
-        let refresh_ttl = layer
-            .refresh_token_ttl
-            .unwrap_or(Millis(30 * 24 * 3_600_000));
+        let refresh_ttl = s.refresh_token_ttl;
         if refresh_ttl.0 <= access_ttl.0 {
             problems.push(
                 "refresh_token_ttl",
@@ -511,11 +397,11 @@ impl Config {
             );
         }
         let login = LoginConfig {
-            max_failures_account: layer.login_max_failures_account.unwrap_or(5),
-            max_failures_client: layer.login_max_failures_client.unwrap_or(20),
-            base_delay: layer.login_base_delay.unwrap_or(Millis(1_000)),
-            max_delay: layer.login_max_delay.unwrap_or(Millis(5 * 60_000)),
-            window: layer.login_window.unwrap_or(Millis(15 * 60_000)),
+            max_failures_account: s.login_max_failures_account,
+            max_failures_client: s.login_max_failures_client,
+            base_delay: s.login_base_delay,
+            max_delay: s.login_max_delay,
+            window: s.login_window,
         };
         if login.max_failures_account == 0 || login.max_failures_client == 0 {
             problems.push("login_max_failures", "must be at least 1");
@@ -534,7 +420,7 @@ impl Config {
         }
         // Fixed, not the number of cores: memory is 19 MiB per hash in flight, and a pod's
         // memory limit does not grow with the node's cores.
-        let hash_concurrency = layer.hash_concurrency.unwrap_or(2);
+        let hash_concurrency = s.hash_concurrency;
         if !(1..=64).contains(&hash_concurrency) {
             problems.push(
                 "hash_concurrency",
@@ -542,11 +428,11 @@ impl Config {
             );
         }
         let limits = ListenerLimits {
-            max_connections: layer.max_connections.unwrap_or(1024),
-            max_in_flight: layer.max_in_flight.unwrap_or(256),
-            idle_timeout: layer.idle_timeout.unwrap_or(Millis(75_000)),
-            header_read_timeout: layer.header_read_timeout.unwrap_or(Millis(10_000)),
-            body_read_timeout: layer.body_read_timeout.unwrap_or(Millis(30_000)),
+            max_connections: s.max_connections,
+            max_in_flight: s.max_in_flight,
+            idle_timeout: s.idle_timeout,
+            header_read_timeout: s.header_read_timeout,
+            body_read_timeout: s.body_read_timeout,
         };
         for (setting, value) in [
             ("max_connections", limits.max_connections),
@@ -565,32 +451,30 @@ impl Config {
                 problems.push(setting, "must be greater than zero");
             }
         }
-        let hash_queue = layer.hash_queue.unwrap_or(64);
+        let hash_queue = s.hash_queue;
         if hash_queue > 10_000 {
             problems.push("hash_queue", format_args!("{hash_queue} is above 10000"));
         }
         let jwt = JwtConfig {
-            keys_dir: layer.jwt_keys_dir,
-            active_kid: layer.jwt_active_kid,
-            private_key: layer.jwt_private_key,
-            kid: layer.jwt_kid,
-            issuer: layer.jwt_issuer.unwrap_or_else(|| "tollgate".to_owned()),
-            audience: layer.jwt_audience.unwrap_or_else(|| "tollgate".to_owned()),
+            keys_dir: s.jwt_keys_dir,
+            active_kid: s.jwt_active_kid,
+            private_key: s.jwt_private_key,
+            kid: s.jwt_kid,
+            issuer: s.jwt_issuer,
+            audience: s.jwt_audience,
             access_ttl,
             refresh_ttl,
         };
         let alipay = match (
-            layer.alipay_app_id,
-            layer.alipay_seller_id,
-            layer.alipay_app_private_key_file,
-            layer.alipay_public_key_file,
+            s.alipay_app_id,
+            s.alipay_seller_id,
+            s.alipay_app_private_key_file,
+            s.alipay_public_key_file,
         ) {
             (None, None, None, None) => None,
             (Some(app_id), Some(seller_id), Some(app_private_key_file), Some(public_key_file)) => {
                 Some(AlipaySettings {
-                    gateway_url: layer
-                        .alipay_gateway_url
-                        .unwrap_or_else(|| "https://openapi.alipay.com/gateway.do".to_owned()),
+                    gateway_url: s.alipay_gateway_url,
                     app_id,
                     seller_id,
                     app_private_key_file,
@@ -606,13 +490,13 @@ impl Config {
             }
         };
         let wechat = match (
-            layer.wechat_mchid,
-            layer.wechat_appid,
-            layer.wechat_merchant_serial,
-            layer.wechat_merchant_private_key_file,
-            layer.wechat_platform_serial,
-            layer.wechat_platform_public_key_file,
-            layer.wechat_apiv3_key,
+            s.wechat_mchid,
+            s.wechat_appid,
+            s.wechat_merchant_serial,
+            s.wechat_merchant_private_key_file,
+            s.wechat_platform_serial,
+            s.wechat_platform_public_key_file,
+            s.wechat_apiv3_key,
         ) {
             (None, None, None, None, None, None, None) => None,
             (
@@ -628,11 +512,7 @@ impl Config {
                     problems.push("wechat_apiv3_key", "must be exactly 32 characters");
                 }
                 Some(WechatSettings {
-                    api_base: layer
-                        .wechat_api_base
-                        .unwrap_or_else(|| "https://api.mch.weixin.qq.com".to_owned())
-                        .trim_end_matches('/')
-                        .to_owned(),
+                    api_base: s.wechat_api_base.trim_end_matches('/').to_owned(),
                     mchid,
                     appid,
                     merchant_serial,
@@ -650,21 +530,19 @@ impl Config {
                 None
             }
         };
-        let usage_close_grace = layer.usage_close_grace.unwrap_or(Millis(10_000));
+        let usage_close_grace = s.usage_close_grace;
         if usage_close_grace.0 > 600_000 {
             problems.push("usage_close_grace", "must be at most 10m");
         }
-        let usage_lookback = layer.usage_lookback.unwrap_or(Millis(15 * 60_000));
+        let usage_lookback = s.usage_lookback;
         if !(5 * 60_000..=7 * 86_400_000).contains(&usage_lookback.0) {
             problems.push("usage_lookback", "must be between 5m and 7d");
         }
-        let usage_minute_retention = layer
-            .usage_minute_retention
-            .unwrap_or(Millis(35 * 86_400_000));
+        let usage_minute_retention = s.usage_minute_retention;
         if usage_minute_retention.0 < 86_400_000 {
             problems.push("usage_minute_retention", "must be at least 1d");
         }
-        let order_ttl = layer.order_ttl.unwrap_or(Millis(30 * 60_000));
+        let order_ttl = s.order_ttl;
         if order_ttl.0 < 60_000 {
             problems.push("order_ttl", "must be at least 1m");
         }
@@ -679,23 +557,23 @@ impl Config {
             login,
             hash_concurrency,
             hash_queue,
-            trust_forwarded_for: layer.trust_forwarded_for.unwrap_or(false),
-            listen,
-            internal_listen,
+            trust_forwarded_for: s.trust_forwarded_for,
+            listen: listen.unwrap_or(unbound),
+            internal_listen: internal_listen.unwrap_or(unbound),
             database_url,
             redis_url,
-            database_ca_file: layer.database_ca_file,
-            redis_ca_file: layer.redis_ca_file,
+            database_ca_file: s.database_ca_file,
+            redis_ca_file: s.redis_ca_file,
             redis_prefix,
             public_url,
-            data_dir: layer.data_dir,
+            data_dir: s.data_dir,
             body_limit,
             notify_body_limit,
             notify_rejected_per_minute,
             db_pool_size,
-            log_format: layer.log_format.unwrap_or(LogFormat::Json),
+            log_format: s.log_format,
             log_filter,
-            shutdown_grace: layer.shutdown_grace.unwrap_or(Millis(20_000)),
+            shutdown_grace: s.shutdown_grace,
             limits,
         }
     }
@@ -815,5 +693,26 @@ mod tests {
         )
         .expect("valid");
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn settings_are_documented_as_declared() {
+        tollgate_testkit::check_settings("tollgate-control-plane", SETTINGS);
+    }
+
+    /// A variable both programs read has one default.
+    #[test]
+    fn shared_variables_have_one_default() {
+        let mut shared = 0;
+        for ours in SETTINGS {
+            for theirs in tollgate_sidecar::config::SETTINGS {
+                if ours.env == theirs.env {
+                    assert_eq!(ours.default, theirs.default, "{}", ours.env);
+                    assert_eq!(ours.key, theirs.key, "{}", ours.env);
+                    shared += 1;
+                }
+            }
+        }
+        assert!(shared >= 8, "{shared}");
     }
 }

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use tollgate_common::config::{ProcessEnv, Secret};
-use tollgate_control_plane::config::{Config, Layer};
+use tollgate_common::config::ProcessEnv;
+use tollgate_control_plane::config::{Config, Flags};
 use tollgate_control_plane::db;
 use tollgate_control_plane::domain::{accounts, password};
 
@@ -22,15 +22,9 @@ struct Cli {
     /// TOML config file; environment variables and flags override it.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// Address of the REST listener [env: TOLLGATE_LISTEN] [default: 127.0.0.1:9001]
-    #[arg(long, global = true)]
-    listen: Option<String>,
-    /// PostgreSQL URL [env: DATABASE_URL]
-    #[arg(long, global = true)]
-    database_url: Option<String>,
-    /// Redis URL; `redis-cluster://` for Redis Cluster [env: REDIS_URL]
-    #[arg(long, global = true)]
-    redis_url: Option<String>,
+    /// The settings that have a flag (config.rs declares them).
+    #[command(flatten)]
+    settings: Flags,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,8 +54,8 @@ enum AdminCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let config = match load_config(&cli) {
+    let mut cli = Cli::parse();
+    let config = match load_config(&mut cli) {
         Ok(config) => config,
         Err(lines) => {
             for line in lines {
@@ -90,7 +84,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn load_config(cli: &Cli) -> Result<Config, Vec<String>> {
+fn load_config(cli: &mut Cli) -> Result<Config, Vec<String>> {
     let file = match &cli.config {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(text) => Some((path.display().to_string(), text)),
@@ -98,16 +92,10 @@ fn load_config(cli: &Cli) -> Result<Config, Vec<String>> {
         },
         None => None,
     };
-    let flags = Layer {
-        listen: cli.listen.clone(),
-        database_url: cli.database_url.clone().map(Secret::new),
-        redis_url: cli.redis_url.clone().map(Secret::new),
-        ..Layer::default()
-    };
     Config::load(
         file.as_ref().map(|(o, t)| (o.as_str(), t.as_str())),
         &ProcessEnv,
-        flags,
+        std::mem::take(&mut cli.settings.0),
     )
     .map_err(|e| e.0)
 }

@@ -1,43 +1,107 @@
 //! The sidecar's one `Config`, built as defaults < file (`--config`) < environment < flags and
-//! validated as a whole. Every environment variable name is a constant here.
+//! validated as a whole. Every setting is declared once, in `settings!` below: its type, default,
+//! environment variable, flag and help, from which `--help` and docs/configuration.md are made.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use tollgate_common::config::{ConfigError, Env, LogFormat, Millis, Problems, Secret};
+use tollgate_common::config::{ConfigError, Env, List, LogFormat, Millis, Problems, Secret};
 
-pub const ENV_LISTEN: &str = "TOLLGATE_SIDECAR_LISTEN";
 /// Where the app is when neither the configuration nor the routes file says.
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:4200";
-pub const ENV_ADMIN_LISTEN: &str = "TOLLGATE_SIDECAR_ADMIN_LISTEN";
-pub const ENV_UPSTREAM: &str = "TOLLGATE_SIDECAR_UPSTREAM";
-pub const ENV_ROUTES: &str = "TOLLGATE_SIDECAR_ROUTES";
-pub const ENV_CONTROL_PLANE_URL: &str = "TOLLGATE_SIDECAR_CONTROL_PLANE_URL";
-pub const ENV_REDIS_URL: &str = "REDIS_URL";
-pub const ENV_REDIS_CA_FILE: &str = "TOLLGATE_REDIS_CA_FILE";
-pub const ENV_CONTROL_PLANE_INTERNAL_URL: &str = "TOLLGATE_SIDECAR_CONTROL_PLANE_INTERNAL_URL";
-pub const ENV_REDIS_PREFIX: &str = "TOLLGATE_REDIS_PREFIX";
-pub const ENV_REDIS_TIMEOUT: &str = "TOLLGATE_SIDECAR_REDIS_TIMEOUT";
-pub const ENV_FAIL_MODE: &str = "TOLLGATE_SIDECAR_FAIL_MODE";
-pub const ENV_JWT_ISSUER: &str = "TOLLGATE_JWT_ISSUER";
-pub const ENV_JWT_AUDIENCE: &str = "TOLLGATE_JWT_AUDIENCE";
-pub const ENV_TRUSTED_JWKS: &str = "TOLLGATE_SIDECAR_TRUSTED_JWKS";
-pub const ENV_UPSTREAM_TIMEOUT: &str = "TOLLGATE_SIDECAR_UPSTREAM_TIMEOUT";
-pub const ENV_CONNECT_TIMEOUT: &str = "TOLLGATE_SIDECAR_CONNECT_TIMEOUT";
-pub const ENV_HEADER_TIMEOUT: &str = "TOLLGATE_SIDECAR_HEADER_READ_TIMEOUT";
-pub const ENV_MAX_HEADER_BYTES: &str = "TOLLGATE_SIDECAR_MAX_HEADER_BYTES";
-pub const ENV_MAX_CONNECTIONS: &str = "TOLLGATE_SIDECAR_MAX_CONNECTIONS";
-pub const ENV_MAX_IN_FLIGHT: &str = "TOLLGATE_SIDECAR_MAX_IN_FLIGHT";
-pub const ENV_IDLE_TIMEOUT: &str = "TOLLGATE_SIDECAR_IDLE_TIMEOUT";
-pub const ENV_BODY_READ_TIMEOUT: &str = "TOLLGATE_SIDECAR_BODY_READ_TIMEOUT";
-pub const ENV_LOG_FORMAT: &str = "TOLLGATE_LOG_FORMAT";
-pub const ENV_LOG: &str = "TOLLGATE_LOG";
-pub const ENV_SHUTDOWN_GRACE: &str = "TOLLGATE_SHUTDOWN_GRACE";
-pub const ENV_SETTLE_WINDOW: &str = "TOLLGATE_SIDECAR_SETTLE_WINDOW";
-pub const ENV_REFUSAL_CACHE_TTL: &str = "TOLLGATE_SIDECAR_REFUSAL_CACHE_TTL";
-pub const ENV_REDIS_MAX_IN_FLIGHT: &str = "TOLLGATE_SIDECAR_REDIS_MAX_IN_FLIGHT";
-pub const ENV_UPLOAD_RESERVE_STEP: &str = "TOLLGATE_SIDECAR_UPLOAD_RESERVE_STEP";
+
+tollgate_common::settings! {
+    /// proxy listener
+    listen: String = "0.0.0.0:8080", env ENV_LISTEN = "TOLLGATE_SIDECAR_LISTEN", flag "--listen";
+    /// `/healthz`, `/readyz`, `/metrics`; must differ from `listen`
+    admin_listen: String = "127.0.0.1:9090",
+        env ENV_ADMIN_LISTEN = "TOLLGATE_SIDECAR_ADMIN_LISTEN", flag "--admin-listen";
+    /// the app's base URL; `http://` only (the app runs beside the sidecar)
+    upstream: String, unset "the routes file's `upstream`, else `http://127.0.0.1:4200`",
+        env ENV_UPSTREAM = "TOLLGATE_SIDECAR_UPSTREAM", flag "--upstream";
+    /// the routes file (YAML)
+    routes: PathBuf, unset "required", env ENV_ROUTES = "TOLLGATE_SIDECAR_ROUTES", flag "--routes";
+    /// the control plane's public listener: the JWKS
+    control_plane_url: String = "http://127.0.0.1:9001",
+        env ENV_CONTROL_PLANE_URL = "TOLLGATE_SIDECAR_CONTROL_PLANE_URL";
+    /// the control plane's internal listener (`internal_listen`): the limits-refill call
+    control_plane_internal_url: String = "http://127.0.0.1:9002",
+        env ENV_CONTROL_PLANE_INTERNAL_URL = "TOLLGATE_SIDECAR_CONTROL_PLANE_INTERNAL_URL";
+    /// Redis or Redis Cluster (`redis-cluster://host:port`); `rediss://` for TLS (secret)
+    redis_url: Secret = "redis://127.0.0.1:6379",
+        env ENV_REDIS_URL = "REDIS_URL", flag "--redis-url";
+    /// PEM file of the CA(s) that sign Redis's certificate
+    redis_ca_file: PathBuf, unset "public web roots",
+        env ENV_REDIS_CA_FILE = "TOLLGATE_REDIS_CA_FILE";
+    /// prefix of every Redis key; must match the control plane's
+    redis_prefix: String = "tg", env ENV_REDIS_PREFIX = "TOLLGATE_REDIS_PREFIX";
+    /// deadline of one Redis call on the request path, counted once the call is on its way (at
+    /// most `redis_max_in_flight` are); a Redis that is down fails at once, so this only bounds a
+    /// Redis that is up but not answering (paused, failing over); 1ms..10s
+    redis_timeout: Millis = "250ms", env ENV_REDIS_TIMEOUT = "TOLLGATE_SIDECAR_REDIS_TIMEOUT";
+    /// `closed`: 503 when Redis is down; `open`: forward uncounted
+    fail_mode: FailMode = "closed", env ENV_FAIL_MODE = "TOLLGATE_SIDECAR_FAIL_MODE";
+    /// expected `iss` of access tokens; the control plane's `jwt_issuer`
+    jwt_issuer: String = "tollgate", env ENV_JWT_ISSUER = "TOLLGATE_JWT_ISSUER";
+    /// expected `aud` of access tokens; the control plane's `jwt_audience`
+    jwt_audience: String = "tollgate", env ENV_JWT_AUDIENCE = "TOLLGATE_JWT_AUDIENCE";
+    /// other issuers' JWKS URLs (comma-separated in the environment, an array in the file)
+    trusted_jwks: List, unset "none", env ENV_TRUSTED_JWKS = "TOLLGATE_SIDECAR_TRUSTED_JWKS";
+    /// until the app's response head arrives (then `504 upstream_timeout`)
+    upstream_timeout: Millis = "60s",
+        env ENV_UPSTREAM_TIMEOUT = "TOLLGATE_SIDECAR_UPSTREAM_TIMEOUT";
+    /// connecting to the app
+    connect_timeout: Millis = "2s", env ENV_CONNECT_TIMEOUT = "TOLLGATE_SIDECAR_CONNECT_TIMEOUT";
+    /// a request head must be complete this long after its first byte (HTTP/2: a request must
+    /// start this long after a frame on a connection with no stream open), else the connection is
+    /// cut
+    header_read_timeout: Millis = "10s",
+        env ENV_HEADER_TIMEOUT = "TOLLGATE_SIDECAR_HEADER_READ_TIMEOUT";
+    /// largest request head (1024–1048576)
+    max_header_bytes: usize = "16384",
+        env ENV_MAX_HEADER_BYTES = "TOLLGATE_SIDECAR_MAX_HEADER_BYTES";
+    /// open client connections on the proxy listener; at the cap the idlest is closed to make
+    /// room, else `503 overloaded` with `Retry-After: 1`. Lowered at start if the open-files limit
+    /// cannot hold it beside `max_in_flight` upstream connections and the admin listener
+    max_connections: usize = "4096",
+        env ENV_MAX_CONNECTIONS = "TOLLGATE_SIDECAR_MAX_CONNECTIONS";
+    /// requests in progress on the proxy listener; past it `503 overloaded` with `Retry-After: 1`
+    /// at once (nothing counted)
+    max_in_flight: usize = "1024", env ENV_MAX_IN_FLIGHT = "TOLLGATE_SIDECAR_MAX_IN_FLIGHT";
+    /// a connection with no request in progress is closed (HTTP/2: GOAWAY); longer than the usual
+    /// 60 s upstream keep-alive of ingress controllers and load balancers, so they close first
+    idle_timeout: Millis = "75s", env ENV_IDLE_TIMEOUT = "TOLLGATE_SIDECAR_IDLE_TIMEOUT";
+    /// the longest a request body may stall between two pieces
+    body_read_timeout: Millis = "30s",
+        env ENV_BODY_READ_TIMEOUT = "TOLLGATE_SIDECAR_BODY_READ_TIMEOUT";
+    /// `json` (one object per line) or `text`
+    log_format: LogFormat = "json", env ENV_LOG_FORMAT = "TOLLGATE_LOG_FORMAT";
+    /// a tracing filter, e.g. `info,tollgate_sidecar=debug`
+    log: String = "info", env ENV_LOG = "TOLLGATE_LOG";
+    /// after SIGTERM, how long the requests already received may take; then the process exits
+    shutdown_grace: Millis = "20s", env ENV_SHUTDOWN_GRACE = "TOLLGATE_SHUTDOWN_GRACE";
+    /// how long an admitted request's settle marker stays in Redis after the app answered (it is
+    /// renewed while the app is still answering): the time a refund has to land. Redis holds one
+    /// marker per metered request for about this long (plus the app's answer time), 165 bytes
+    /// each (measured), so about requests/s × this × 165 bytes: 170 MB at 100,000 requests/s
+    /// with 10s; 1s..5m
+    settle_window: Millis = "10s", env ENV_SETTLE_WINDOW = "TOLLGATE_SIDECAR_SETTLE_WINDOW";
+    /// the longest a refusal (quota exhausted, rate limited, disabled, unknown user) is answered
+    /// from the sidecar's memory without Redis; entries end earlier when the window resets,
+    /// `Retry-After` passes, or the control plane announces a change (grant, plan, reset, enable,
+    /// reconcile) or a refund frees quota; `0s` turns the cache off; at most `1h`
+    refusal_cache_ttl: Millis = "5m",
+        env ENV_REFUSAL_CACHE_TTL = "TOLLGATE_SIDECAR_REFUSAL_CACHE_TTL";
+    /// Redis script calls of the request path in flight at once; more wait their turn before
+    /// their `redis_timeout` starts, so a burst does not turn into `503`s while Redis is healthy
+    redis_max_in_flight: usize = "128",
+        env ENV_REDIS_MAX_IN_FLIGHT = "TOLLGATE_SIDECAR_REDIS_MAX_IN_FLIGHT";
+    /// bytes of quota an upload without `Content-Length` reserves at a time as it streams (so
+    /// concurrent uploads of one user share what remains)
+    upload_reserve_step: u64 = "1048576",
+        env ENV_UPLOAD_RESERVE_STEP = "TOLLGATE_SIDECAR_UPLOAD_RESERVE_STEP";
+}
 
 /// What to do when Redis cannot be asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -114,120 +178,6 @@ pub struct Config {
     pub upload_reserve_step: u64,
 }
 
-/// One source of settings; every field optional, later layers win.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Layer {
-    pub listen: Option<String>,
-    pub admin_listen: Option<String>,
-    pub upstream: Option<String>,
-    pub routes: Option<PathBuf>,
-    pub control_plane_url: Option<String>,
-    pub control_plane_internal_url: Option<String>,
-    pub redis_url: Option<Secret>,
-    pub redis_ca_file: Option<PathBuf>,
-    pub redis_prefix: Option<String>,
-    pub redis_timeout: Option<Millis>,
-    pub fail_mode: Option<FailMode>,
-    pub jwt_issuer: Option<String>,
-    pub jwt_audience: Option<String>,
-    pub trusted_jwks: Option<Vec<String>>,
-    pub upstream_timeout: Option<Millis>,
-    pub connect_timeout: Option<Millis>,
-    pub header_read_timeout: Option<Millis>,
-    pub max_header_bytes: Option<usize>,
-    pub max_connections: Option<usize>,
-    pub max_in_flight: Option<usize>,
-    pub idle_timeout: Option<Millis>,
-    pub body_read_timeout: Option<Millis>,
-    pub log_format: Option<LogFormat>,
-    pub log: Option<String>,
-    pub shutdown_grace: Option<Millis>,
-    pub settle_window: Option<Millis>,
-    pub refusal_cache_ttl: Option<Millis>,
-    pub redis_max_in_flight: Option<usize>,
-    pub upload_reserve_step: Option<u64>,
-}
-
-impl Layer {
-    fn from_env(env: &dyn Env, problems: &mut Problems) -> Layer {
-        Layer {
-            listen: env.var(ENV_LISTEN),
-            admin_listen: env.var(ENV_ADMIN_LISTEN),
-            upstream: env.var(ENV_UPSTREAM),
-            routes: env.var(ENV_ROUTES).map(PathBuf::from),
-            control_plane_url: env.var(ENV_CONTROL_PLANE_URL),
-            control_plane_internal_url: env.var(ENV_CONTROL_PLANE_INTERNAL_URL),
-            redis_url: env.var(ENV_REDIS_URL).map(Secret::new),
-            redis_ca_file: env.var(ENV_REDIS_CA_FILE).map(PathBuf::from),
-            redis_prefix: env.var(ENV_REDIS_PREFIX),
-            redis_timeout: problems.env(env, ENV_REDIS_TIMEOUT),
-            fail_mode: problems.env(env, ENV_FAIL_MODE),
-            jwt_issuer: env.var(ENV_JWT_ISSUER),
-            jwt_audience: env.var(ENV_JWT_AUDIENCE),
-            trusted_jwks: env.var(ENV_TRUSTED_JWKS).map(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            }),
-            upstream_timeout: problems.env(env, ENV_UPSTREAM_TIMEOUT),
-            connect_timeout: problems.env(env, ENV_CONNECT_TIMEOUT),
-            header_read_timeout: problems.env(env, ENV_HEADER_TIMEOUT),
-            max_header_bytes: problems.env(env, ENV_MAX_HEADER_BYTES),
-            max_connections: problems.env(env, ENV_MAX_CONNECTIONS),
-            max_in_flight: problems.env(env, ENV_MAX_IN_FLIGHT),
-            idle_timeout: problems.env(env, ENV_IDLE_TIMEOUT),
-            body_read_timeout: problems.env(env, ENV_BODY_READ_TIMEOUT),
-            log_format: problems.env(env, ENV_LOG_FORMAT),
-            log: env.var(ENV_LOG),
-            shutdown_grace: problems.env(env, ENV_SHUTDOWN_GRACE),
-            settle_window: problems.env(env, ENV_SETTLE_WINDOW),
-            refusal_cache_ttl: problems.env(env, ENV_REFUSAL_CACHE_TTL),
-            redis_max_in_flight: problems.env(env, ENV_REDIS_MAX_IN_FLIGHT),
-            upload_reserve_step: problems.env(env, ENV_UPLOAD_RESERVE_STEP),
-        }
-    }
-
-    /// `other`'s settings win over `self`'s.
-    fn overlay(self, other: Layer) -> Layer {
-        Layer {
-            listen: other.listen.or(self.listen),
-            admin_listen: other.admin_listen.or(self.admin_listen),
-            upstream: other.upstream.or(self.upstream),
-            routes: other.routes.or(self.routes),
-            control_plane_url: other.control_plane_url.or(self.control_plane_url),
-            control_plane_internal_url: other
-                .control_plane_internal_url
-                .or(self.control_plane_internal_url),
-            redis_url: other.redis_url.or(self.redis_url),
-            redis_ca_file: other.redis_ca_file.or(self.redis_ca_file),
-            redis_prefix: other.redis_prefix.or(self.redis_prefix),
-            redis_timeout: other.redis_timeout.or(self.redis_timeout),
-            fail_mode: other.fail_mode.or(self.fail_mode),
-            jwt_issuer: other.jwt_issuer.or(self.jwt_issuer),
-            jwt_audience: other.jwt_audience.or(self.jwt_audience),
-            trusted_jwks: other.trusted_jwks.or(self.trusted_jwks),
-            upstream_timeout: other.upstream_timeout.or(self.upstream_timeout),
-            connect_timeout: other.connect_timeout.or(self.connect_timeout),
-            header_read_timeout: other.header_read_timeout.or(self.header_read_timeout),
-            max_header_bytes: other.max_header_bytes.or(self.max_header_bytes),
-            max_connections: other.max_connections.or(self.max_connections),
-            max_in_flight: other.max_in_flight.or(self.max_in_flight),
-            idle_timeout: other.idle_timeout.or(self.idle_timeout),
-            body_read_timeout: other.body_read_timeout.or(self.body_read_timeout),
-            log_format: other.log_format.or(self.log_format),
-            log: other.log.or(self.log),
-            shutdown_grace: other.shutdown_grace.or(self.shutdown_grace),
-            settle_window: other.settle_window.or(self.settle_window),
-            refusal_cache_ttl: other.refusal_cache_ttl.or(self.refusal_cache_ttl),
-            redis_max_in_flight: other.redis_max_in_flight.or(self.redis_max_in_flight),
-            upload_reserve_step: other.upload_reserve_step.or(self.upload_reserve_step),
-        }
-    }
-}
-
 fn check_http_url(problems: &mut Problems, setting: &str, url: &str) {
     if !(url.starts_with("http://") || url.starts_with("https://"))
         || url.parse::<http::Uri>().is_err()
@@ -245,12 +195,11 @@ pub fn read_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, Strin
     tollgate_common::tls::roots_from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn addr(problems: &mut Problems, setting: &str, value: Option<&str>, default: &str) -> SocketAddr {
-    let value = value.unwrap_or(default);
-    value.parse().unwrap_or_else(|e| {
-        problems.push(setting, format_args!("{value:?} is not an address: {e}"));
-        default.parse().expect("defaults are valid addresses")
-    })
+fn addr(problems: &mut Problems, setting: &str, value: &str) -> Option<SocketAddr> {
+    value
+        .parse()
+        .map_err(|e| problems.push(setting, format_args!("{value:?} is not an address: {e}")))
+        .ok()
 }
 
 impl Config {
@@ -265,26 +214,21 @@ impl Config {
             None => Layer::default(),
         };
         let env_layer = Layer::from_env(env, &mut problems);
-        let layer = file_layer.overlay(env_layer).overlay(flags);
-        let config = Config::validate(layer, &mut problems);
+        let settings = file_layer.overlay(env_layer).overlay(flags).resolve();
+        let config = Config::validate(settings, &mut problems);
         problems.finish(config)
     }
 
-    fn validate(layer: Layer, problems: &mut Problems) -> Config {
-        let listen = addr(problems, "listen", layer.listen.as_deref(), "0.0.0.0:8080");
-        let admin_listen = addr(
-            problems,
-            "admin_listen",
-            layer.admin_listen.as_deref(),
-            "127.0.0.1:9090",
-        );
-        if listen == admin_listen {
+    fn validate(s: Settings, problems: &mut Problems) -> Config {
+        let listen = addr(problems, "listen", &s.listen);
+        let admin_listen = addr(problems, "admin_listen", &s.admin_listen);
+        if listen.is_some() && listen == admin_listen {
             problems.push(
                 "admin_listen",
                 "must differ from listen: ops endpoints never share the proxy listener",
             );
         }
-        if let Some(upstream) = &layer.upstream {
+        if let Some(upstream) = &s.upstream {
             // The app listens next to the sidecar, on plain HTTP; there is no TLS client here.
             if !upstream.starts_with("http://") || upstream.parse::<http::Uri>().is_err() {
                 problems.push(
@@ -295,22 +239,17 @@ impl Config {
                 );
             }
         }
-        let routes = layer.routes.unwrap_or_else(|| {
+        let routes = s.routes.unwrap_or_else(|| {
             problems.push(
                 "routes",
                 format_args!("the routes file is required (--routes or {ENV_ROUTES})"),
             );
             PathBuf::new()
         });
-        let control_plane_url = layer
-            .control_plane_url
-            .unwrap_or_else(|| "http://127.0.0.1:9001".to_owned())
-            .trim_end_matches('/')
-            .to_owned();
+        let control_plane_url = s.control_plane_url.trim_end_matches('/').to_owned();
         check_http_url(problems, "control_plane_url", &control_plane_url);
-        let control_plane_internal_url = layer
+        let control_plane_internal_url = s
             .control_plane_internal_url
-            .unwrap_or_else(|| "http://127.0.0.1:9002".to_owned())
             .trim_end_matches('/')
             .to_owned();
         check_http_url(
@@ -318,113 +257,104 @@ impl Config {
             "control_plane_internal_url",
             &control_plane_internal_url,
         );
-        let trusted_jwks = layer.trusted_jwks.unwrap_or_default();
+        let trusted_jwks = s.trusted_jwks.unwrap_or_default().0;
         for url in &trusted_jwks {
             check_http_url(problems, "trusted_jwks", url);
         }
-        let redis_url = layer
-            .redis_url
-            .unwrap_or_else(|| Secret::new("redis://127.0.0.1:6379"));
-        if let Err(e) = fred::types::config::Config::from_url(redis_url.expose()) {
+        if let Err(e) = fred::types::config::Config::from_url(s.redis_url.expose()) {
             problems.push(
                 "redis_url",
                 format_args!("not a Redis URL: {}", e.details()),
             );
         }
-        if let Some(path) = &layer.redis_ca_file
+        if let Some(path) = &s.redis_ca_file
             && let Err(e) = read_roots(path)
         {
             problems.push("redis_ca_file", e);
         }
-        let redis_prefix = tollgate_common::config::redis_prefix(problems, layer.redis_prefix);
-        let redis_timeout = layer.redis_timeout.unwrap_or(Millis(250));
-        if !(1..=10_000).contains(&redis_timeout.0) {
+        let redis_prefix = tollgate_common::config::redis_prefix(problems, s.redis_prefix);
+        if !(1..=10_000).contains(&s.redis_timeout.0) {
             problems.push(
                 "redis_timeout",
-                format_args!("{}ms is outside 1ms..=10s", redis_timeout.0),
+                format_args!("{}ms is outside 1ms..=10s", s.redis_timeout.0),
             );
         }
-        let max_header_bytes = layer.max_header_bytes.unwrap_or(16 << 10);
-        if !(1024..=1 << 20).contains(&max_header_bytes) {
+        if !(1024..=1 << 20).contains(&s.max_header_bytes) {
             problems.push(
                 "max_header_bytes",
-                format_args!("{max_header_bytes} is outside 1024..=1048576"),
+                format_args!("{} is outside 1024..=1048576", s.max_header_bytes),
             );
         }
-        let log_filter = tollgate_common::config::log_filter(problems, layer.log);
-        let refusal_cache_ttl = layer.refusal_cache_ttl.unwrap_or(Millis(300_000));
-        if refusal_cache_ttl.0 > 3_600_000 {
+        let log_filter = tollgate_common::config::log_filter(problems, s.log);
+        if s.refusal_cache_ttl.0 > 3_600_000 {
             problems.push(
                 "refusal_cache_ttl",
                 "must be at most 1h (0 turns the cache off)",
             );
         }
-        let redis_max_in_flight = layer.redis_max_in_flight.unwrap_or(128);
-        if !(1..=100_000).contains(&redis_max_in_flight) {
+        if !(1..=100_000).contains(&s.redis_max_in_flight) {
             problems.push("redis_max_in_flight", "must be between 1 and 100000");
         }
-        let upload_reserve_step = layer.upload_reserve_step.unwrap_or(1 << 20);
-        if !(1..=1 << 40).contains(&upload_reserve_step) {
+        if !(1..=1 << 40).contains(&s.upload_reserve_step) {
             problems.push("upload_reserve_step", "must be between 1 and 2^40 bytes");
         }
-        let settle_window = layer.settle_window.unwrap_or(Millis(10_000));
-        if !(1_000..=300_000).contains(&settle_window.0) {
+        if !(1_000..=300_000).contains(&s.settle_window.0) {
             problems.push(
                 "settle_window",
-                format_args!("{}ms is outside 1s..=5m", settle_window.0),
+                format_args!("{}ms is outside 1s..=5m", s.settle_window.0),
             );
         }
-        let max_connections = layer.max_connections.unwrap_or(4096);
-        let max_in_flight = layer.max_in_flight.unwrap_or(1024);
         for (setting, value) in [
-            ("max_connections", max_connections),
-            ("max_in_flight", max_in_flight),
+            ("max_connections", s.max_connections),
+            ("max_in_flight", s.max_in_flight),
         ] {
             if !(1..=1_000_000).contains(&value) {
                 problems.push(setting, format_args!("{value} is outside 1..=1000000"));
             }
         }
         for (setting, value) in [
-            ("upstream_timeout", layer.upstream_timeout),
-            ("connect_timeout", layer.connect_timeout),
-            ("header_read_timeout", layer.header_read_timeout),
-            ("idle_timeout", layer.idle_timeout),
-            ("body_read_timeout", layer.body_read_timeout),
+            ("upstream_timeout", s.upstream_timeout),
+            ("connect_timeout", s.connect_timeout),
+            ("header_read_timeout", s.header_read_timeout),
+            ("idle_timeout", s.idle_timeout),
+            ("body_read_timeout", s.body_read_timeout),
         ] {
-            if value.is_some_and(|m| m.0 == 0) {
+            if value.0 == 0 {
                 problems.push(setting, "must be greater than zero");
             }
         }
+        // Stands in for an address that does not parse: a problem, so the `Config` is discarded.
+        let unbound = SocketAddr::from(([0, 0, 0, 0], 0));
         Config {
-            listen,
-            admin_listen,
-            upstream: layer.upstream,
+            listen: listen.unwrap_or(unbound),
+            admin_listen: admin_listen.unwrap_or(unbound),
+            upstream: s.upstream,
             routes,
             control_plane_url,
             control_plane_internal_url,
-            redis_url,
-            redis_ca_file: layer.redis_ca_file,
+            redis_url: s.redis_url,
+            redis_ca_file: s.redis_ca_file,
             redis_prefix,
-            redis_timeout,
-            fail_mode: layer.fail_mode.unwrap_or(FailMode::Closed),
-            jwt_issuer: layer.jwt_issuer.unwrap_or_else(|| "tollgate".to_owned()),
-            jwt_audience: layer.jwt_audience.unwrap_or_else(|| "tollgate".to_owned()),
+            redis_timeout: s.redis_timeout,
+            fail_mode: s.fail_mode,
+            jwt_issuer: s.jwt_issuer,
+            jwt_audience: s.jwt_audience,
             trusted_jwks,
-            upstream_timeout: layer.upstream_timeout.unwrap_or(Millis(60_000)),
-            connect_timeout: layer.connect_timeout.unwrap_or(Millis(2_000)),
-            header_read_timeout: layer.header_read_timeout.unwrap_or(Millis(10_000)),
-            max_header_bytes,
-            max_connections,
-            max_in_flight,
-            idle_timeout: layer.idle_timeout.unwrap_or(Millis(75_000)),
-            body_read_timeout: layer.body_read_timeout.unwrap_or(Millis(30_000)),
-            log_format: layer.log_format.unwrap_or(LogFormat::Json),
+            upstream_timeout: s.upstream_timeout,
+            connect_timeout: s.connect_timeout,
+            header_read_timeout: s.header_read_timeout,
+            max_header_bytes: s.max_header_bytes,
+            max_connections: s.max_connections,
+            max_in_flight: s.max_in_flight,
+            idle_timeout: s.idle_timeout,
+            body_read_timeout: s.body_read_timeout,
+            log_format: s.log_format,
             log_filter,
-            shutdown_grace: layer.shutdown_grace.unwrap_or(Millis(20_000)),
-            settle_window,
-            refusal_cache_ttl,
-            redis_max_in_flight,
-            upload_reserve_step,
+            shutdown_grace: s.shutdown_grace,
+            settle_window: s.settle_window,
+            refusal_cache_ttl: s.refusal_cache_ttl,
+            redis_max_in_flight: s.redis_max_in_flight,
+            upload_reserve_step: s.upload_reserve_step,
         }
     }
 }
@@ -521,5 +451,27 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(config.trusted_jwks.len(), 2);
+    }
+
+    #[test]
+    fn settings_are_documented_as_declared() {
+        tollgate_testkit::check_settings("tollgate-sidecar", SETTINGS);
+    }
+
+    #[test]
+    fn flags_override_the_environment() {
+        use clap::{Args, FromArgMatches};
+        let command = Flags::augment_args(clap::Command::new("tollgate-sidecar"));
+        let matches = command
+            .try_get_matches_from(["tollgate-sidecar", "--listen", "127.0.0.1:7001"])
+            .expect("flags parse");
+        let flags = Flags::from_arg_matches(&matches).expect("flags");
+        let config = Config::load(
+            None,
+            &env(&[(ENV_ROUTES, "r.yaml"), (ENV_LISTEN, "127.0.0.1:7000")]),
+            flags.0,
+        )
+        .expect("valid");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7001");
     }
 }

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tollgate_common::config::{ProcessEnv, Secret};
-use tollgate_sidecar::config::{Config, Layer};
+use tollgate_common::config::ProcessEnv;
+use tollgate_sidecar::config::{Config, Flags};
 
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
@@ -18,21 +18,9 @@ struct Cli {
     /// TOML config file; environment variables and flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Proxy listener [env: TOLLGATE_SIDECAR_LISTEN] [default: 0.0.0.0:8080]
-    #[arg(long)]
-    listen: Option<String>,
-    /// Admin listener for /healthz, /readyz, /metrics [env: TOLLGATE_SIDECAR_ADMIN_LISTEN] [default: 127.0.0.1:9090]
-    #[arg(long)]
-    admin_listen: Option<String>,
-    /// The app's base URL [env: TOLLGATE_SIDECAR_UPSTREAM]
-    #[arg(long)]
-    upstream: Option<String>,
-    /// The routes file (YAML) [env: TOLLGATE_SIDECAR_ROUTES]
-    #[arg(long)]
-    routes: Option<PathBuf>,
-    /// Redis URL; `redis-cluster://` for Redis Cluster [env: REDIS_URL]
-    #[arg(long)]
-    redis_url: Option<String>,
+    /// The settings that have a flag (config.rs declares them).
+    #[command(flatten)]
+    settings: Flags,
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -50,18 +38,10 @@ fn main() -> ExitCode {
         },
         None => None,
     };
-    let flags = Layer {
-        listen: cli.listen,
-        admin_listen: cli.admin_listen,
-        upstream: cli.upstream,
-        routes: cli.routes,
-        redis_url: cli.redis_url.map(Secret::new),
-        ..Layer::default()
-    };
     let config = match Config::load(
         file.as_ref().map(|(o, t)| (o.as_str(), t.as_str())),
         &ProcessEnv,
-        flags,
+        cli.settings.0,
     ) {
         Ok(config) => config,
         Err(e) => {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use support::{ControlPlane, ROUTES, demo_upstream, echo_upstream, send, start_sidecar};
 use tollgate_common::window::Window::{Lifetime, Month};
+use tollgate_sidecar::config;
 
 fn http() -> reqwest::Client {
     reqwest::Client::new()
@@ -112,7 +113,6 @@ async fn credentials_are_required_and_checked() {
     let ok = send(http().get(&url).header("x-api-key", &key)).await;
     assert_eq!(ok.status, 200);
     assert_eq!(ok.body["headers"]["x-auth-method"], "api_key");
-    cp.cleanup().await;
 }
 
 #[tokio::test]
@@ -162,7 +162,6 @@ async fn identity_headers_are_the_sidecars_own() {
     .await;
     assert_eq!(public.status, 200);
     assert!(public.body["headers"].get("x-user-id").is_none());
-    cp.cleanup().await;
 }
 
 #[tokio::test]
@@ -190,7 +189,6 @@ async fn disabled_users_and_revoked_tokens() {
         .expect("hset");
     let reply = send(http().get(&url).bearer_auth(&token)).await;
     assert_eq!(reply.status, 401);
-    cp.cleanup().await;
 }
 
 #[tokio::test]
@@ -225,7 +223,6 @@ async fn revoked_api_key_is_refused_within_a_second() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    cp.cleanup().await;
 }
 
 async fn quota_and_refunds(redis_url: &str) {
@@ -303,7 +300,6 @@ async fn quota_and_refunds(redis_url: &str) {
     .await;
     assert_eq!(l3.status, 402);
     assert_eq!(l3.body["error"]["details"]["limit"], 0);
-    cp.cleanup().await;
 }
 
 #[tokio::test]
@@ -342,7 +338,6 @@ async fn unreachable_app_is_502_and_counts_nothing() {
     assert_eq!(reply.body["error"]["code"], "bad_gateway");
     assert_eq!(cp.used(user, "api_calls_full_process").await, 0);
     assert!(cp.usage(user).await.is_empty());
-    cp.cleanup().await;
 }
 
 #[tokio::test]
@@ -380,7 +375,6 @@ async fn rate_limits_answer_429_with_retry_after() {
             .status,
         200
     );
-    cp.cleanup().await;
 }
 
 #[tokio::test]
@@ -430,7 +424,6 @@ async fn uploads_are_metered_by_size_before_and_while_streaming() {
     assert_eq!(cp.used(user, "storage_bytes").await, 6500);
     // Two uploads counted, at their real sizes; the one cut off is not.
     assert_eq!(cp.usage(user).await.get("storage_bytes"), Some(&(6500, 2)));
-    cp.cleanup().await;
 }
 
 #[tokio::test]
@@ -444,7 +437,7 @@ async fn redis_down_fails_closed_by_default_and_open_when_configured() {
         "redis://127.0.0.1:1",
         &upstream,
         ROUTES,
-        &[("TOLLGATE_SIDECAR_FAIL_MODE", "open")],
+        &[(config::ENV_FAIL_MODE, "open")],
     )
     .await;
     let user = cp.user(&[("api_calls_l3_detect", 5, Month)]).await;
@@ -480,7 +473,6 @@ async fn redis_down_fails_closed_by_default_and_open_when_configured() {
         metrics.contains("decision=\"quota_backend_unavailable\""),
         "{metrics}"
     );
-    cp.cleanup().await;
 }
 
 #[tokio::test]
@@ -525,7 +517,6 @@ async fn a_missing_user_hash_is_refilled_once_by_the_control_plane() {
         refills + 1,
         "one refill call for the stranger, then the cached refusal"
     );
-    cp.cleanup().await;
 }
 
 async fn exactly_min_n_r_across_two_sidecars(redis_url: &str) {
@@ -558,7 +549,6 @@ async fn exactly_min_n_r_across_two_sidecars(redis_url: &str) {
     assert_eq!(refused, 150);
     assert_eq!(cp.used(user, "api_calls_l3_detect").await, 50);
     assert_eq!(cp.calls(user).await, 50);
-    cp.cleanup().await;
 }
 
 #[tokio::test]
@@ -617,7 +607,6 @@ async fn admin_listener_serves_ops_and_the_proxy_does_not() {
             .status,
         401
     );
-    cp.cleanup().await;
 }
 
 #[tokio::test]
@@ -652,7 +641,6 @@ async fn no_spelling_of_a_metered_path_goes_through_uncounted() {
     .await;
     assert_eq!(reply.status, 200);
     assert_eq!(cp.used(user, "api_calls_l3_detect").await, 1);
-    cp.cleanup().await;
 }
 
 #[tokio::test]
@@ -677,7 +665,6 @@ async fn refunds_do_not_depend_on_the_clients_request_id() {
         0,
         "every failure refunded"
     );
-    cp.cleanup().await;
 }
 
 /// The sidecar's `/metrics` page.
@@ -744,14 +731,13 @@ async fn a_client_hammering_after_its_quota_is_gone_is_refused_without_redis() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    cp.cleanup().await;
 }
 
 #[tokio::test]
 async fn uploads_of_unknown_length_share_what_remains_and_a_broken_one_is_refunded() {
     let cp = ControlPlane::start(&support::redis_url()).await;
     let upstream = demo_upstream().await;
-    let step = [("TOLLGATE_SIDECAR_UPLOAD_RESERVE_STEP", "1000")];
+    let step = [(config::ENV_UPLOAD_RESERVE_STEP, "1000")];
     let sc = start_sidecar(&cp, &support::redis_url(), &upstream, ROUTES, &step).await;
     let user = cp.user(&[("storage_bytes", 10_000, Lifetime)]).await;
     let token = cp.token(user);
@@ -817,7 +803,6 @@ async fn uploads_of_unknown_length_share_what_remains_and_a_broken_one_is_refund
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(cp.usage(user).await.is_empty());
-    cp.cleanup().await;
 }
 
 /// The receiving end of a channel as a stream of body chunks.

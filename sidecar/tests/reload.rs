@@ -8,7 +8,9 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{ControlPlane, ROUTES, TempDir, echo_upstream};
+use support::{ControlPlane, ROUTES, echo_upstream};
+use tollgate_sidecar::config;
+use tollgate_testkit::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate-sidecar");
 
@@ -60,12 +62,9 @@ async fn sighup_reloads_good_files_and_refuses_bad_ones() {
         &upstream,
         &routes,
         &[
-            ("TOLLGATE_SIDECAR_LISTEN", &format!("127.0.0.1:{port}")),
-            (
-                "TOLLGATE_SIDECAR_ADMIN_LISTEN",
-                &format!("127.0.0.1:{admin}"),
-            ),
-            ("TOLLGATE_LOG_FORMAT", "json"),
+            (config::ENV_LISTEN, &format!("127.0.0.1:{port}")),
+            (config::ENV_ADMIN_LISTEN, &format!("127.0.0.1:{admin}")),
+            (config::ENV_LOG_FORMAT, "json"),
         ],
     );
     let mut child = Command::new(BIN)
@@ -166,5 +165,4 @@ async fn sighup_reloads_good_files_and_refuses_bad_ones() {
         .unwrap_or_else(|| panic!("no access-log line for span-check-1: {stderr}"));
     assert_eq!(access["span"]["name"], "request", "{access}");
     assert_eq!(access["span"]["request_id"], "span-check-1", "{access}");
-    cp.cleanup().await;
 }

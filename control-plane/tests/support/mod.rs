@@ -352,14 +352,10 @@ pub async fn redis_with_ca(url: &str, ca: Option<&std::path::Path>) -> fred::cli
     }
 }
 
+pub use tollgate_testkit::{Sidecar, delete_prefix};
+
 /// A sidecar (in process) in front of `upstream`, reading the same Redis prefix as `config`,
 /// with the routes file `routes` (its `upstream` is overridden).
-pub struct Sidecar {
-    pub base: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-    _dir: std::path::PathBuf,
-}
-
 pub async fn sidecar(
     config: &Config,
     control_plane: &str,
@@ -367,68 +363,26 @@ pub async fn sidecar(
     upstream: &str,
     routes: &str,
 ) -> Sidecar {
-    let dir = std::env::temp_dir().join(format!("tg-cp-sidecar-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("routes.yaml");
-    std::fs::write(&path, routes).expect("routes");
-    let mut env: BTreeMap<String, String> = [
-        ("TOLLGATE_SIDECAR_ROUTES", path.display().to_string()),
-        ("TOLLGATE_SIDECAR_UPSTREAM", upstream.to_owned()),
-        (
-            "TOLLGATE_SIDECAR_CONTROL_PLANE_URL",
-            control_plane.to_owned(),
-        ),
-        (
-            "TOLLGATE_SIDECAR_CONTROL_PLANE_INTERNAL_URL",
-            control_plane_internal.to_owned(),
-        ),
-        ("REDIS_URL", config.redis_url.expose().to_owned()),
-        ("TOLLGATE_REDIS_PREFIX", config.redis_prefix.clone()),
-        ("TOLLGATE_SIDECAR_REDIS_TIMEOUT", "1s".to_owned()),
-        ("TOLLGATE_LOG_FORMAT", "text".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    if let Some(ca) = &config.redis_ca_file {
-        env.insert(
-            "TOLLGATE_REDIS_CA_FILE".to_owned(),
-            ca.display().to_string(),
-        );
+    use tollgate_sidecar::config::{ENV_REDIS_CA_FILE, ENV_REDIS_TIMEOUT};
+    let ca = config
+        .redis_ca_file
+        .as_ref()
+        .map(|ca| ca.display().to_string());
+    let mut extra = vec![(ENV_REDIS_TIMEOUT, "1s")];
+    if let Some(ca) = &ca {
+        extra.push((ENV_REDIS_CA_FILE, ca));
     }
-    let sidecar_config = tollgate_sidecar::config::Config::load(None, &env, Default::default())
-        .expect("sidecar config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stopped.await;
-        };
-        if let Err(e) = tollgate_sidecar::run(sidecar_config, listener, admin, shutdown).await {
-            panic!("sidecar failed: {e}");
-        }
-    });
-    let http = reqwest::Client::new();
-    for _ in 0..100 {
-        if let Ok(r) = http.get(format!("{admin_url}/readyz")).send().await
-            && r.status() == 200
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    tollgate_testkit::SidecarSetup {
+        control_plane,
+        control_plane_internal,
+        redis_url: config.redis_url.expose(),
+        redis_prefix: &config.redis_prefix,
+        upstream,
+        routes,
+        extra: &extra,
     }
-    Sidecar {
-        base,
-        _stop: stop,
-        _dir: dir,
-    }
+    .start()
+    .await
 }
 
 /// The demo iDoctor app on 127.0.0.1:0.
@@ -465,26 +419,6 @@ pub async fn make_admin(db: &TestDb, api: &Api, email: &str, password: &str) -> 
         .as_str()
         .expect("token")
         .to_owned()
-}
-
-/// Deletes every Redis key under a prefix (only the test's own).
-pub async fn delete_prefix(redis: &fred::clients::Client, prefix: &str) {
-    use fred::interfaces::{ClientLike, KeysInterface};
-    use fred::types::scan::Scanner;
-    use futures_util::{StreamExt, TryStreamExt};
-    let pattern = format!("{prefix}:*");
-    let mut scan = if redis.is_clustered() {
-        redis.scan_cluster(pattern, Some(1000), None).boxed()
-    } else {
-        redis.scan(pattern, Some(1000), None).boxed()
-    };
-    let mut found = Vec::new();
-    while let Ok(Some(mut page)) = scan.try_next().await {
-        found.extend(page.take_results().unwrap_or_default());
-    }
-    for key in found {
-        let _: Result<(), _> = redis.del(key).await;
-    }
 }
 
 /// Drains every usage bucket of the test's prefix into its database as the control plane would

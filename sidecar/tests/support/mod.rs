@@ -65,6 +65,8 @@ pub async fn redis(url: &str) -> fred::clients::Client {
 /// The control plane's part, played by the test.
 pub struct ControlPlane {
     pub url: String,
+    /// Deletes the test's keys when the test ends, failed or not.
+    _prefix: tollgate_testkit::RedisPrefix,
     pub redis: fred::clients::Client,
     pub keys: Keys,
     encoding: EncodingKey,
@@ -99,7 +101,8 @@ impl ControlPlane {
         jwk.common.key_id = Some(KID.to_owned());
         let jwks = serde_json::to_value(JwkSet { keys: vec![jwk] }).expect("json");
         let redis = redis(redis_url).await;
-        let keys = Keys::new(format!("t{}", &Uuid::new_v4().simple().to_string()[..10]));
+        let prefix = tollgate_testkit::RedisPrefix::new(redis_url);
+        let keys = Keys::new(prefix.prefix.clone());
         let pending = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let refills = Arc::new(AtomicUsize::new(0));
         let state = CpState {
@@ -119,6 +122,7 @@ impl ControlPlane {
         let addr = spawn_router(router).await;
         ControlPlane {
             url: format!("http://{addr}"),
+            _prefix: prefix,
             redis,
             keys,
             encoding,
@@ -275,25 +279,6 @@ impl ControlPlane {
             .map(|(_, calls)| calls)
             .sum()
     }
-
-    /// Deletes every key under the test's prefix (and nothing else).
-    pub async fn cleanup(&self) {
-        use fred::types::scan::Scanner;
-        use futures_util::{StreamExt, TryStreamExt};
-        let pattern = format!("{}:*", self.keys.prefix());
-        let mut scan = if self.redis.is_clustered() {
-            self.redis.scan_cluster(pattern, Some(1000), None).boxed()
-        } else {
-            self.redis.scan(pattern, Some(1000), None).boxed()
-        };
-        let mut found = Vec::new();
-        while let Ok(Some(mut page)) = scan.try_next().await {
-            found.extend(page.take_results().unwrap_or_default());
-        }
-        for key in found {
-            let _: Result<(), _> = self.redis.del(key).await;
-        }
-    }
 }
 
 async fn write_user_hash(
@@ -388,27 +373,25 @@ routes:
     rate_limits: [{name: tight, rate: 2, period: 1m, burst: 2}]
 "#;
 
-pub struct Sidecar {
-    pub base: String,
-    pub admin: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-    _dir: TempDir,
-}
+pub use tollgate_testkit::Sidecar;
 
-/// A temporary directory removed on drop.
-pub struct TempDir(pub std::path::PathBuf);
-
-impl TempDir {
-    pub fn new() -> TempDir {
-        let dir = std::env::temp_dir().join(format!("tg-sidecar-{}", Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// A sidecar's environment: in front of `upstream`, on the test's prefix, with the fake control
+/// plane for both of its URLs (it answers the refill call on the same address).
+fn setup<'a>(
+    cp: &'a ControlPlane,
+    redis_url: &'a str,
+    upstream: &'a str,
+    routes: &'a str,
+    extra: &'a [(&'a str, &'a str)],
+) -> tollgate_testkit::SidecarSetup<'a> {
+    tollgate_testkit::SidecarSetup {
+        control_plane: &cp.url,
+        control_plane_internal: &cp.url,
+        redis_url,
+        redis_prefix: cp.keys.prefix(),
+        upstream,
+        routes,
+        extra,
     }
 }
 
@@ -419,29 +402,7 @@ pub fn sidecar_env(
     routes: &std::path::Path,
     extra: &[(&str, &str)],
 ) -> BTreeMap<String, String> {
-    let mut env: BTreeMap<String, String> = [
-        ("TOLLGATE_SIDECAR_ROUTES", routes.display().to_string()),
-        ("TOLLGATE_SIDECAR_UPSTREAM", upstream.to_owned()),
-        ("TOLLGATE_SIDECAR_CONTROL_PLANE_URL", cp.url.clone()),
-        // The fake control plane answers the refill call on the same address.
-        (
-            "TOLLGATE_SIDECAR_CONTROL_PLANE_INTERNAL_URL",
-            cp.url.clone(),
-        ),
-        ("REDIS_URL", redis_url.to_owned()),
-        ("TOLLGATE_REDIS_PREFIX", cp.keys.prefix().to_owned()),
-        ("TOLLGATE_SIDECAR_REDIS_TIMEOUT", "500ms".to_owned()),
-        ("TOLLGATE_LOG_FORMAT", "text".to_owned()),
-        ("TOLLGATE_SIDECAR_LISTEN", "127.0.0.1:0".to_owned()),
-        ("TOLLGATE_SIDECAR_ADMIN_LISTEN", "127.0.0.1:1".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    for (k, v) in extra {
-        env.insert((*k).to_owned(), (*v).to_owned());
-    }
-    env
+    setup(cp, redis_url, upstream, "", extra).env(routes)
 }
 
 pub async fn start_sidecar(
@@ -455,45 +416,7 @@ pub async fn start_sidecar(
         tollgate_common::config::LogFormat::Text,
         "warn",
     ));
-    let dir = TempDir::new();
-    let path = dir.0.join("routes.yaml");
-    std::fs::write(&path, routes).expect("write routes");
-    let env = sidecar_env(cp, redis_url, upstream, &path, extra);
-    let config = tollgate_sidecar::config::Config::load(None, &env, Default::default())
-        .expect("valid config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}", listener.local_addr().expect("addr"));
-    let admin_url = format!("http://{}", admin.local_addr().expect("addr"));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stopped.await;
-        };
-        if let Err(e) = tollgate_sidecar::run(config, listener, admin, shutdown).await {
-            panic!("sidecar failed: {e}");
-        }
-    });
-    // Ready once the JWKS is loaded and Redis answers.
-    let http = reqwest::Client::new();
-    for _ in 0..100 {
-        if let Ok(r) = http.get(format!("{admin_url}/readyz")).send().await
-            && r.status() == 200
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    Sidecar {
-        base,
-        admin: admin_url,
-        _stop: stop,
-        _dir: dir,
-    }
+    setup(cp, redis_url, upstream, routes, extra).start().await
 }
 
 pub struct Reply {
