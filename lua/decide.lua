@@ -32,7 +32,7 @@
 --   ARGV[14] the marker's time to live (ms)
 -- then nr groups of 4, from ARGV[6 + 9 * nq]: GCRA field, rate, period (ms), burst
 --
--- Returns one of
+-- Returns one of (numbers as integer replies)
 --   {"missing"}                                   the user's hash does not exist
 --   {"disabled"}                                  the user is disabled
 --   {"revoked"}                                   the token was issued before the cut-off
@@ -49,6 +49,8 @@ local iat = tonumber(ARGV[2])
 local user = ARGV[3]
 local nr, nq = tonumber(ARGV[4]), tonumber(ARGV[5])
 local rbase = 5 + 9 * nq
+-- Integers are returned as Lua numbers (Redis answers them as integers, nothing to format); only
+-- what is stored is formatted, with %d, never in exponent notation.
 local function int(x) return string.format("%d", x) end
 
 local fields = { "status", "tva", "plan" }
@@ -76,7 +78,7 @@ for i = 1, nr do
   local new_tat = tat + interval
   local allowed_at = new_tat - burst * interval
   if allowed_at > now then
-    return { "rate_limited", i, int(math.ceil(allowed_at - now)) }
+    return { "rate_limited", i, math.ceil(allowed_at - now) }
   end
   rates[i] = { new_tat = new_tat, interval = interval, burst = burst }
   writes[#writes + 1] = ARGV[a + 1]
@@ -106,7 +108,7 @@ if nq == 1 then
   local take = cost
   if mode == "reserve" and remaining < take then take = remaining end
   if remaining < take or take < 1 and mode == "reserve" then
-    return { "quota_exceeded", int(limit), int(used), int(finish) }
+    return { "quota_exceeded", limit, used, finish }
   end
   -- Every check passed. The marker first: if settle.lua has given this request up, stop here.
   local marked = redis.call("SET", KEYS[3], int(take) .. "|" .. int(start) .. "|" .. mode,
@@ -119,18 +121,18 @@ if nq == 1 then
     if take > 0 then redis.call("HINCRBY", KEYS[2], "a:" .. suffix, take) end
     redis.call("HINCRBY", KEYS[2], "n:" .. suffix, 1)
   end
-  out[3] = int(limit)
-  out[4] = int(limit - used - take)
-  out[5] = int(finish)
-  out[6] = int(take)
-  out[7] = int(start)
+  out[3] = limit
+  out[4] = limit - used - take
+  out[5] = finish
+  out[6] = take
+  out[7] = start
 else
-  out[3], out[4], out[5], out[6], out[7] = "0", "0", "0", "0", "0"
+  out[3], out[4], out[5], out[6], out[7] = 0, 0, 0, 0, 0
 end
 if #writes > 0 then redis.call("HSET", KEYS[1], unpack(writes)) end
 for i = 1, nr do
   local r = rates[i]
-  out[#out + 1] = int(math.floor((r.burst * r.interval - (r.new_tat - now)) / r.interval))
-  out[#out + 1] = int(math.ceil(r.new_tat - now))
+  out[#out + 1] = math.floor((r.burst * r.interval - (r.new_tat - now)) / r.interval)
+  out[#out + 1] = math.ceil(r.new_tat - now)
 end
 return out

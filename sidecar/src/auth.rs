@@ -256,7 +256,8 @@ impl Authenticator {
         let entry = match self.jwks.load().get(&kid).cloned() {
             Some(entry) => entry,
             None => {
-                self.refresh_for_unknown_kid().await;
+                // Rare; on the heap, so that every request's future does not carry a JWKS fetch.
+                Box::pin(self.refresh_for_unknown_kid()).await;
                 self.jwks
                     .load()
                     .get(&kid)

@@ -101,6 +101,11 @@ tollgate_common::settings! {
     /// concurrent uploads of one user share what remains)
     upload_reserve_step: u64 = "1048576",
         env ENV_UPLOAD_RESERVE_STEP = "TOLLGATE_SIDECAR_UPLOAD_RESERVE_STEP";
+    /// threads that serve requests: `1` runs the whole sidecar on one thread (tokio's
+    /// current-thread runtime: no wake-ups across threads, the least CPU per request, see
+    /// bench/RESULTS.md); `N` > 1 a work-stealing runtime of N threads, for a sidecar that needs
+    /// more than one core; `0` one thread per core; at most 256
+    worker_threads: usize = "1", env ENV_WORKER_THREADS = "TOLLGATE_SIDECAR_WORKER_THREADS";
 }
 
 /// What to do when Redis cannot be asked.
@@ -176,6 +181,8 @@ pub struct Config {
     pub redis_max_in_flight: usize,
     /// Bytes of quota an upload of unknown length reserves at a time as it streams.
     pub upload_reserve_step: u64,
+    /// Threads serving requests: 1 = a current-thread runtime, 0 = one per core.
+    pub worker_threads: usize,
 }
 
 fn check_http_url(problems: &mut Problems, setting: &str, url: &str) {
@@ -295,6 +302,9 @@ impl Config {
         if !(1..=100_000).contains(&s.redis_max_in_flight) {
             problems.push("redis_max_in_flight", "must be between 1 and 100000");
         }
+        if s.worker_threads > 256 {
+            problems.push("worker_threads", "must be between 0 (one per core) and 256");
+        }
         if !(1..=1 << 40).contains(&s.upload_reserve_step) {
             problems.push("upload_reserve_step", "must be between 1 and 2^40 bytes");
         }
@@ -355,6 +365,7 @@ impl Config {
             refusal_cache_ttl: s.refusal_cache_ttl,
             redis_max_in_flight: s.redis_max_in_flight,
             upload_reserve_step: s.upload_reserve_step,
+            worker_threads: s.worker_threads,
         }
     }
 }

@@ -4,8 +4,27 @@
 use tollgate_serve::ServeMetrics;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
+
+/// Every `decision` label of `tollgate_sidecar_requests_total`: `proxy::Outcome::as_str`.
+pub const DECISIONS: [&str; 11] = [
+    "allowed",
+    "public",
+    "fail_open",
+    "invalid_request",
+    "unauthorized",
+    "account_disabled",
+    "rate_limited",
+    "quota_exceeded",
+    "quota_backend_unavailable",
+    "bad_gateway",
+    "upstream_timeout",
+];
+
+/// The caches whose lookups `tollgate_sidecar_cache_requests_total` counts.
+const CACHES: [&str; 3] = ["token", "api_key", "api_key_negative"];
 
 pub struct Metrics {
     registry: Registry,
@@ -27,6 +46,8 @@ pub struct Metrics {
     pub refunds_given_up: prometheus::IntCounter,
     /// Requests refused from the local refusal cache, without Redis, by kind.
     pub cached_refusals: IntCounterVec,
+    /// `cache` by [`CACHES`] × (hit, miss), made once: the request path counts without a lookup.
+    cache_series: Vec<[IntCounter; 2]>,
     /// Connections, overload refusals, timeouts and accept errors of both listeners
     /// (`proxy`, `admin`): `tollgate_sidecar_open_connections`, `..._overload_total`, ...
     pub serve: ServeMetrics,
@@ -136,11 +157,15 @@ impl Metrics {
         ] {
             redis_errors.with_label_values(&[op]);
         }
-        for c in ["token", "api_key", "api_key_negative"] {
-            for result in ["hit", "miss"] {
-                cache.with_label_values(&[c, result]);
-            }
-        }
+        let cache_series = CACHES
+            .iter()
+            .map(|c| {
+                [
+                    cache.with_label_values(&[c, "hit"]),
+                    cache.with_label_values(&[c, "miss"]),
+                ]
+            })
+            .collect();
         for reason in [
             "app_error",
             "unreachable",
@@ -173,6 +198,7 @@ impl Metrics {
             upstream_seconds,
             redis_errors,
             cache,
+            cache_series,
             in_flight,
             fail_open,
             refunds,
@@ -190,9 +216,23 @@ impl Metrics {
     }
 
     pub fn cache(&self, cache: &str, hit: bool) {
-        self.cache
-            .with_label_values(&[cache, if hit { "hit" } else { "miss" }])
-            .inc();
+        match CACHES.iter().position(|c| *c == cache) {
+            Some(i) => self.cache_series[i][usize::from(!hit)].inc(),
+            None => self
+                .cache
+                .with_label_values(&[cache, if hit { "hit" } else { "miss" }])
+                .inc(),
+        }
+    }
+
+    /// A route's series, made on its first request (and again for the routes of a reloaded
+    /// file), so that the request path never looks a label up.
+    pub fn route<'a>(&self, route: &'a crate::routes::Route) -> &'a RouteSeries {
+        route.series.get_or_init(|| RouteSeries {
+            decision_seconds: self.decision_seconds.with_label_values(&[&route.label]),
+            upstream_seconds: self.upstream_seconds.with_label_values(&[&route.label]),
+            requests: DECISIONS.map(|d| self.requests.with_label_values(&[&route.label, d])),
+        })
     }
 
     pub fn render(&self) -> String {
@@ -205,5 +245,28 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// One route's series (`Metrics::route`).
+pub struct RouteSeries {
+    pub decision_seconds: Histogram,
+    pub upstream_seconds: Histogram,
+    /// `requests_total` by [`DECISIONS`].
+    requests: [IntCounter; DECISIONS.len()],
+}
+
+impl RouteSeries {
+    /// Counts one request with its `decision` label (one of [`DECISIONS`]).
+    pub fn request(&self, decision: &str) {
+        if let Some(i) = DECISIONS.iter().position(|d| *d == decision) {
+            self.requests[i].inc();
+        }
+    }
+}
+
+impl std::fmt::Debug for RouteSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteSeries")
     }
 }

@@ -260,8 +260,8 @@ async fn pipeline(
     }
     shared
         .metrics
+        .route(&ctx.route)
         .decision_seconds
-        .with_label_values(&[&ctx.route.label])
         .observe(decided.elapsed().as_secs_f64());
     let forwarded = forward(shared, table, ctx, request, peer).await;
     let response = settle(shared, ctx, forwarded).await?;
@@ -362,8 +362,9 @@ async fn decide(
     };
     let mut outcome = shared.store.decide(&input).await;
     if matches!(outcome, Ok(Decision::Missing)) {
-        match shared.refill.ensure(identity.user).await {
-            Refilled::Written => outcome = shared.store.decide(&input).await,
+        // Rare (a user Redis does not hold yet): on the heap, so the request's future stays small.
+        match Box::pin(shared.refill.ensure(identity.user)).await {
+            Refilled::Written => outcome = Box::pin(shared.store.decide(&input)).await,
             Refilled::NoSuchUser => {
                 // A valid token of a user that no longer exists: refused, and remembered, so
                 // that its next calls cost neither Redis nor the control plane.
@@ -638,8 +639,8 @@ async fn forward(
     .await;
     shared
         .metrics
+        .route(&ctx.route)
         .upstream_seconds
-        .with_label_values(&[&ctx.route.label])
         .observe(started.elapsed().as_secs_f64());
     let result = match sent {
         Err(_) => Err(Refusal::UpstreamTimeout),
@@ -939,9 +940,8 @@ pub fn fail_to_proxy(ctx: &Ctx, refusal: &Refusal) -> Response<Body> {
 fn log(shared: &Shared, ctx: &Ctx, started: Instant) {
     shared
         .metrics
-        .requests
-        .with_label_values(&[&ctx.route.label, ctx.decision.as_str()])
-        .inc();
+        .route(&ctx.route)
+        .request(ctx.decision.as_str());
     // The access log: one line per request, the per-call audit trail (docs/quotas.md).
     tracing::info!(
         request_id = %ctx.request_id,
@@ -1161,6 +1161,33 @@ pub const REFILL_TIMEOUT: Duration = Duration::from_secs(2);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_decision_label_has_its_series() {
+        let refusals = [
+            Refusal::BadPath,
+            Refusal::Unauthorized,
+            Refusal::AccountDisabled,
+            Refusal::RateLimited { retry_after_s: 1 },
+            Refusal::QuotaExceeded {
+                quota_type: Arc::from("calls"),
+                limit: 1,
+                used: 1,
+                resets_at_ms: 0,
+            },
+            Refusal::BackendUnavailable,
+            Refusal::BadGateway,
+            Refusal::UpstreamTimeout,
+        ];
+        let outcomes = [Outcome::Allowed, Outcome::Public, Outcome::FailOpen]
+            .into_iter()
+            .chain(refusals.iter().map(|r| Outcome::Refused(r.code())));
+        let mut labels: Vec<&str> = outcomes.map(Outcome::as_str).collect();
+        labels.sort_unstable();
+        let mut known = crate::metrics::DECISIONS.to_vec();
+        known.sort_unstable();
+        assert_eq!(labels, known);
+    }
 
     #[test]
     fn the_in_flight_gauge_comes_down_on_return_and_on_panic() {

@@ -139,6 +139,8 @@ pub struct Route {
     /// The quota type and cost, for metered routes.
     pub quota: Option<Arc<Quota>>,
     pub rate_limits: Arc<[RateLimit]>,
+    /// Its metric series, made on first use (`Metrics::route`).
+    pub series: Arc<std::sync::OnceLock<crate::metrics::RouteSeries>>,
 }
 
 #[derive(Debug, Clone)]
@@ -393,6 +395,7 @@ impl Routes {
                 public: r.public,
                 quota,
                 rate_limits,
+                series: Arc::default(),
             });
         }
         if !problems.is_empty() {
@@ -410,6 +413,7 @@ impl Routes {
                 public: false,
                 quota: None,
                 rate_limits: global,
+                series: Arc::default(),
             },
         })
     }
