@@ -101,11 +101,12 @@ tollgate_common::settings! {
     /// concurrent uploads of one user share what remains)
     upload_reserve_step: u64 = "1048576",
         env ENV_UPLOAD_RESERVE_STEP = "TOLLGATE_SIDECAR_UPLOAD_RESERVE_STEP";
-    /// threads that serve requests: `1` runs the whole sidecar on one thread (tokio's
-    /// current-thread runtime: no wake-ups across threads, the least CPU per request, see
-    /// bench/RESULTS.md); `N` > 1 a work-stealing runtime of N threads, for a sidecar that needs
-    /// more than one core; `0` one thread per core; at most 256
-    worker_threads: usize = "1", env ENV_WORKER_THREADS = "TOLLGATE_SIDECAR_WORKER_THREADS";
+    /// threads that serve requests: `0` one per core (tokio's work-stealing runtime); `N` that
+    /// many; `1` the whole sidecar on one thread (tokio's current-thread runtime: no wake-ups
+    /// across threads, about a quarter less CPU per request, see bench/RESULTS.md, but a burst
+    /// that saturates that one core delays Redis answers past `redis_timeout`: raise it with
+    /// this); at most 256
+    worker_threads: usize = "0", env ENV_WORKER_THREADS = "TOLLGATE_SIDECAR_WORKER_THREADS";
 }
 
 /// What to do when Redis cannot be asked.
@@ -181,7 +182,7 @@ pub struct Config {
     pub redis_max_in_flight: usize,
     /// Bytes of quota an upload of unknown length reserves at a time as it streams.
     pub upload_reserve_step: u64,
-    /// Threads serving requests: 1 = a current-thread runtime, 0 = one per core.
+    /// Threads serving requests: 0 = one per core, 1 = a current-thread runtime.
     pub worker_threads: usize,
 }
 

@@ -66,8 +66,12 @@ export REDIS_URL="redis://127.0.0.1:$FAULTS_REDIS_PORT"
 
 # Usage reaches the ledger as soon as its minute has closed (no grace), so that one wait of
 # about a minute covers every scenario. The in-flight cap is above the burst, so that any 503
-# in it comes from the metering, not from the overload protection.
-export TOLLGATE_USAGE_CLOSE_GRACE=0s TOLLGATE_SIDECAR_MAX_IN_FLIGHT=4096
+# in it comes from the metering, not from the overload protection. The stack runs debug builds,
+# several times slower per request than release: a burst of 2,000 calls keeps the sidecar's
+# cores busy long enough that reading Redis's answers alone can take most of the default 250 ms
+# deadline on a slow 2-core machine, so the deadline is 1 s here (a call that waited its turn in
+# front of Redis would still take seconds and fail the burst check).
+export TOLLGATE_USAGE_CLOSE_GRACE=0s TOLLGATE_SIDECAR_MAX_IN_FLIGHT=4096 TOLLGATE_SIDECAR_REDIS_TIMEOUT=1s
 e2e_up
 [[ " $PARTS " == *" sidecar "* ]] ||
     die "the stack started no sidecar (parts: $PARTS); build it: cargo build -p tollgate-sidecar"
