@@ -232,6 +232,22 @@ macro_rules! settings {
             fn resolve(self) -> Settings {
                 Settings { $($key: $crate::settings!(@resolve self.$key $(, $default)?),)+ }
             }
+
+            /// Defaults < `file` (its name and text) < the environment < `flags`, with every
+            /// problem found on the way noted in `problems`.
+            fn merge(
+                file: Option<(&str, &str)>,
+                env: &dyn $crate::config::Env,
+                flags: Layer,
+                problems: &mut $crate::config::Problems,
+            ) -> Settings {
+                let file_layer = match file {
+                    Some((origin, text)) => problems.file::<Layer>(origin, text),
+                    None => Layer::default(),
+                };
+                let env_layer = Layer::from_env(env, problems);
+                file_layer.overlay(env_layer).overlay(flags).resolve()
+            }
         }
 
         /// The settings given as command-line flags (`#[command(flatten)]` them into the CLI).
@@ -402,6 +418,14 @@ impl Problems {
 }
 
 /// Checks the Redis key prefix both programs share: 1-32 letters, digits, `_` or `-`.
+/// A listen address, or a problem for `setting`.
+pub fn addr(problems: &mut Problems, setting: &str, value: &str) -> Option<std::net::SocketAddr> {
+    value
+        .parse()
+        .map_err(|e| problems.push(setting, format_args!("{value:?} is not an address: {e}")))
+        .ok()
+}
+
 pub fn redis_prefix(problems: &mut Problems, prefix: String) -> String {
     if prefix.is_empty()
         || prefix.len() > 32

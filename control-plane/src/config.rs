@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use tollgate_common::config::{ConfigError, Env, LogFormat, Millis, Problems, Secret};
+use tollgate_common::config::{ConfigError, Env, LogFormat, Millis, Problems, Secret, addr};
 
 tollgate_common::settings! {
     /// REST listener (the public API)
@@ -279,13 +279,6 @@ pub struct LoginConfig {
     pub window: Millis,
 }
 
-fn addr(problems: &mut Problems, setting: &str, value: &str) -> Option<SocketAddr> {
-    value
-        .parse()
-        .map_err(|e| problems.push(setting, format_args!("{value:?} is not an address: {e}")))
-        .ok()
-}
-
 impl Config {
     /// Merges the layers and validates the result. `file` is the config file's name and text,
     /// `flags` what the command line set.
@@ -295,12 +288,7 @@ impl Config {
         flags: Layer,
     ) -> Result<Config, ConfigError> {
         let mut problems = Problems::default();
-        let file_layer = match file {
-            Some((origin, text)) => problems.file::<Layer>(origin, text),
-            None => Layer::default(),
-        };
-        let env_layer = Layer::from_env(env, &mut problems);
-        let settings = file_layer.overlay(env_layer).overlay(flags).resolve();
+        let settings = Layer::merge(file, env, flags, &mut problems);
         let config = Config::validate(settings, &mut problems);
         problems.finish(config)
     }

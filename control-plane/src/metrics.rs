@@ -2,10 +2,7 @@
 //! (`tollgate_cp_*`, base units, `_total` for counters); dashboards and alerts in `k8s/` use
 //! exactly these names.
 
-use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
-};
+use prometheus::{Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::domain::payments::{Channel, NotificationResult, OrderStatus};
 
@@ -134,10 +131,7 @@ impl Metrics {
 
     /// The text exposition format for `/metrics`.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed metric families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8(out).unwrap_or_default()
+        tollgate_serve::metrics::render(&self.registry)
     }
 }
 

@@ -118,3 +118,15 @@ impl ListenerMetrics {
         ServeMetrics::new("unregistered", &Registry::new()).listener(name)
     }
 }
+
+/// A registry in Prometheus's text exposition format, what `/metrics` answers in both programs.
+pub fn render(registry: &Registry) -> String {
+    let mut out = Vec::new();
+    // Encoding into a Vec cannot fail for well-formed metric families.
+    let _ = prometheus::Encoder::encode(
+        &prometheus::TextEncoder::new(),
+        &registry.gather(),
+        &mut out,
+    );
+    String::from_utf8(out).unwrap_or_default()
+}

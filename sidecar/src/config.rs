@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use tollgate_common::config::{ConfigError, Env, List, LogFormat, Millis, Problems, Secret};
+use tollgate_common::config::{ConfigError, Env, List, LogFormat, Millis, Problems, Secret, addr};
 
 /// Where the app is when neither the configuration nor the routes file says.
 pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:4200";
@@ -203,13 +203,6 @@ pub fn read_roots(path: &std::path::Path) -> Result<rustls::RootCertStore, Strin
     tollgate_common::tls::roots_from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn addr(problems: &mut Problems, setting: &str, value: &str) -> Option<SocketAddr> {
-    value
-        .parse()
-        .map_err(|e| problems.push(setting, format_args!("{value:?} is not an address: {e}")))
-        .ok()
-}
-
 impl Config {
     pub fn load(
         file: Option<(&str, &str)>,
@@ -217,12 +210,7 @@ impl Config {
         flags: Layer,
     ) -> Result<Config, ConfigError> {
         let mut problems = Problems::default();
-        let file_layer = match file {
-            Some((origin, text)) => problems.file::<Layer>(origin, text),
-            None => Layer::default(),
-        };
-        let env_layer = Layer::from_env(env, &mut problems);
-        let settings = file_layer.overlay(env_layer).overlay(flags).resolve();
+        let settings = Layer::merge(file, env, flags, &mut problems);
         let config = Config::validate(settings, &mut problems);
         problems.finish(config)
     }

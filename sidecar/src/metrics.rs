@@ -4,8 +4,7 @@
 use tollgate_serve::ServeMetrics;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
 /// Every `decision` label of `tollgate_sidecar_requests_total`: `proxy::Outcome::as_str`.
@@ -236,9 +235,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8(out).unwrap_or_default()
+        tollgate_serve::metrics::render(&self.registry)
     }
 }
 
