@@ -52,30 +52,40 @@ pub async fn quota_view(
         .ok_or_else(|| AppError::not_found("no such user"))?;
     let plan = db::subscriptions::current(&**client, user).await?;
     drop(client);
-    // A user whose hash Redis does not hold (Redis was lost and is being rebuilt) has no live
-    // counters to show: rebuild this user now from the ledger rather than report 0 used.
+    // The status and every counter come from one HMGET: one snapshot of the user's hash, so a
+    // Redis lost and restarted empty between two reads cannot show a status of before and a
+    // counter of after (0 used). A hash Redis does not hold (lost, being rebuilt) has no live
+    // counters to show: this user is rebuilt now from the ledger and read again rather than
+    // reported as 0 used.
     let hash = state.sync.keys.user(user);
-    let present: Option<String> = state
+    let mut fields = vec![user_field::STATUS.to_owned()];
+    fields.extend(types.iter().map(|qt| user_field::counter(app, &qt.key)));
+    let mut snapshot: Vec<Option<String>> = state
         .redis
-        .hget(&hash, user_field::STATUS)
+        .hmget(&hash, fields.clone())
         .await
         .map_err(AppError::unavailable)?;
-    if present.is_none() {
+    if snapshot.first().is_none_or(Option::is_none) {
         state.sync.user(user).await.map_err(AppError::unavailable)?;
+        snapshot = state
+            .redis
+            .hmget(&hash, fields)
+            .await
+            .map_err(AppError::unavailable)?;
+        if snapshot.first().is_none_or(Option::is_none) {
+            return Err(AppError::unavailable(
+                "the user's live counters are being rebuilt; try again",
+            ));
+        }
     }
     let mut quotas = Vec::with_capacity(types.len());
-    for qt in types {
+    for (qt, counter) in types.into_iter().zip(snapshot.into_iter().skip(1)) {
         let bounds = window::bounds(qt.window, now, qt.time_zone);
         let limit = user_state
             .limits
             .iter()
             .find(|l| l.app == qt.app && l.quota_type == qt.key)
             .map_or(0, |l| l.limit);
-        let counter: Option<String> = state
-            .redis
-            .hget(&hash, user_field::counter(app, &qt.key))
-            .await
-            .map_err(AppError::unavailable)?;
         // A counter of an earlier window means nothing is used in this one yet.
         let used = match counter.as_deref().and_then(user_field::parse_counter) {
             Some((used, start)) if start == bounds.start.timestamp_millis() => used,
