@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -123,11 +123,23 @@ pub struct Stopped {
     pub cut: usize,
 }
 
+/// One of the runtimes a listener's connections are served on, and the handler requests there
+/// go to (a program keeps per-runtime state, such as its own Redis connection, in it).
+pub struct Worker<H> {
+    /// `None`: the runtime [`serve`] itself runs on. Otherwise each connection given to this
+    /// worker is moved to that runtime (its socket registered with that runtime's reactor), so
+    /// its reads, writes and request tasks never wake another thread.
+    pub runtime: Option<tokio::runtime::Handle>,
+    pub handler: H,
+}
+
 struct Server<H> {
     name: String,
     limits: Limits,
     metrics: ListenerMetrics,
-    handler: H,
+    workers: Vec<Worker<H>>,
+    /// The worker the next connection goes to (round robin).
+    next_worker: AtomicUsize,
     builder: auto::Builder<TokioExecutor>,
     slots: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
@@ -160,6 +172,32 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let worker = Worker {
+        runtime: None,
+        handler,
+    };
+    serve_on(listener, name, limits, metrics, vec![worker], shutdown).await
+}
+
+/// [`serve`], with the connections dealt round robin to `workers` (at least one): the accept
+/// loop, the limits and the shutdown are the listener's, each connection and its requests live
+/// on its worker's runtime. The sidecar gives each core a current-thread runtime this way
+/// (ARCHITECTURE.md, "The sidecar's runtime shape").
+pub async fn serve_on<H, Fut, B>(
+    listener: TcpListener,
+    name: &str,
+    limits: Limits,
+    metrics: ListenerMetrics,
+    workers: Vec<Worker<H>>,
+    shutdown: impl Future<Output = ()>,
+) -> Stopped
+where
+    H: Fn(Request<RequestBody>, SocketAddr) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    assert!(!workers.is_empty(), "serve_on needs at least one worker");
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -181,7 +219,8 @@ where
         in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
         limits,
         metrics,
-        handler,
+        workers,
+        next_worker: AtomicUsize::new(0),
         builder,
         connections: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(0),
@@ -267,9 +306,33 @@ where
     B::Error: Into<BoxError>,
 {
     fn admit(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let worker = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            self.tasks
-                .spawn(self.clone().connection(stream, peer, slot));
+            let Some(runtime) = &self.workers[worker].runtime else {
+                self.tasks
+                    .spawn(self.clone().connection(stream, peer, slot, worker));
+                return;
+            };
+            // Out of this runtime's reactor and into the worker's.
+            let stream = match stream.into_std() {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(listener = %self.name, %peer, error = %e, "connection lost while handing it to its worker");
+                    return;
+                }
+            };
+            let server = self.clone();
+            self.tasks.spawn_on(
+                async move {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => server.connection(stream, peer, slot, worker).await,
+                        Err(e) => {
+                            tracing::warn!(listener = %server.name, %peer, error = %e, "a worker could not take a connection");
+                        }
+                    }
+                },
+                runtime,
+            );
             return;
         }
         // At the cap. Whatever happens next holds a descriptor for a while: bounded too.
@@ -287,7 +350,7 @@ where
                 };
                 if let Some(slot) = slot {
                     drop(refusing);
-                    return server.connection(stream, peer, slot).await;
+                    return server.connection(stream, peer, slot, worker).await;
                 }
             }
             server.metrics.refused_connection.inc();
@@ -322,6 +385,7 @@ where
         stream: TcpStream,
         peer: SocketAddr,
         _slot: OwnedSemaphorePermit,
+        worker: usize,
     ) {
         let _ = stream.set_nodelay(true);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -333,7 +397,7 @@ where
         let service = {
             let server = self.clone();
             let state = state.clone();
-            service_fn(move |request| server.clone().request(state.clone(), request, peer))
+            service_fn(move |request| server.clone().request(state.clone(), request, peer, worker))
         };
         let io = TokioIo::new(Tracked {
             stream,
@@ -399,6 +463,7 @@ where
         state: Arc<ConnState>,
         request: Request<Incoming>,
         peer: SocketAddr,
+        worker: usize,
     ) -> Result<Response<ResponseBody<B>>, Infallible> {
         state.request_started();
         let mut guard = RequestGuard {
@@ -435,7 +500,7 @@ where
         let timeout = self.limits.body_read_timeout;
         let timed_out = self.metrics.body_timeout.clone();
         let request = request.map(|b| RequestBody::new(b, timeout, timed_out));
-        let response = (self.handler)(request, peer).await;
+        let response = (self.workers[worker].handler)(request, peer).await;
         Ok(response.map(|b| ResponseBody::handler(b, guard)))
     }
 }

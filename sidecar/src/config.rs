@@ -101,12 +101,14 @@ tollgate_common::settings! {
     /// concurrent uploads of one user share what remains)
     upload_reserve_step: u64 = "1048576",
         env ENV_UPLOAD_RESERVE_STEP = "TOLLGATE_SIDECAR_UPLOAD_RESERVE_STEP";
-    /// threads that serve requests: `0` one per core (tokio's work-stealing runtime); `N` that
-    /// many; `1` the whole sidecar on one thread (tokio's current-thread runtime: no wake-ups
-    /// across threads, about a quarter less CPU per request, see bench/RESULTS.md, but a burst
-    /// that saturates that one core delays Redis answers past `redis_timeout`: raise it with
-    /// this); at most 256
+    /// threads that serve requests, each a single-threaded runtime with its own Redis connection
+    /// and app connection pool, the client connections dealt to them in turn: `0` one per core
+    /// the process may use (its CPU limit counts); at most 256
     worker_threads: usize = "0", env ENV_WORKER_THREADS = "TOLLGATE_SIDECAR_WORKER_THREADS";
+    /// the access log (docs/access-log.md) writes the line of one admitted call answered 2xx/3xx
+    /// in this many; every other line (refused, failed, refunded, public) is always written; `1`
+    /// (every call, the audit trail) unless the log store cannot take the volume; 1..1000000
+    access_log_every: u64 = "1", env ENV_ACCESS_LOG_EVERY = "TOLLGATE_SIDECAR_ACCESS_LOG_EVERY";
 }
 
 /// What to do when Redis cannot be asked.
@@ -182,8 +184,10 @@ pub struct Config {
     pub redis_max_in_flight: usize,
     /// Bytes of quota an upload of unknown length reserves at a time as it streams.
     pub upload_reserve_step: u64,
-    /// Threads serving requests: 0 = one per core, 1 = a current-thread runtime.
+    /// Workers serving requests (a current-thread runtime each): 0 = one per core.
     pub worker_threads: usize,
+    /// One access line per this many successful admitted calls (1: every call).
+    pub access_log_every: u64,
 }
 
 fn check_http_url(problems: &mut Problems, setting: &str, url: &str) {
@@ -291,6 +295,9 @@ impl Config {
         if !(1..=100_000).contains(&s.redis_max_in_flight) {
             problems.push("redis_max_in_flight", "must be between 1 and 100000");
         }
+        if !(1..=1_000_000).contains(&s.access_log_every) {
+            problems.push("access_log_every", "must be between 1 (every call) and 1000000");
+        }
         if s.worker_threads > 256 {
             problems.push("worker_threads", "must be between 0 (one per core) and 256");
         }
@@ -355,6 +362,7 @@ impl Config {
             redis_max_in_flight: s.redis_max_in_flight,
             upload_reserve_step: s.upload_reserve_step,
             worker_threads: s.worker_threads,
+            access_log_every: s.access_log_every,
         }
     }
 }

@@ -63,22 +63,106 @@ pub struct Table {
     pub windows: tollgate_common::window::BoundsCache,
 }
 
-/// Everything the request path shares.
+/// Everything the request path uses. Each worker (a current-thread runtime, one per core by
+/// default) has its own: its own Redis connection and pool of app connections; the rest is one
+/// for all of them.
 pub struct Shared {
     pub config: Arc<Config>,
-    pub table: ArcSwap<Table>,
-    pub auth: Authenticator,
+    pub table: Arc<ArcSwap<Table>>,
+    pub auth: Arc<Authenticator>,
+    /// This worker's Redis connection.
     pub store: Store,
+    /// This worker's connections to the app.
     pub upstream: HttpClient,
     pub metrics: Arc<Metrics>,
-    pub refill: Refill,
+    pub refill: Arc<Refill>,
     /// Users just refused, answered without Redis until the refusal can have changed.
-    pub refusals: refusals::Refusals,
+    pub refusals: Arc<refusals::Refusals>,
     /// Settles retried in the background after a Redis timeout.
     pub refunds: Arc<refunds::Refunds>,
     /// Work that must finish before the process exits: every request's task (proxy.rs) and
     /// anything else spawned here. Shutdown waits for it after the connections have closed.
     pub tasks: TaskTracker,
+    /// Successful admitted calls this worker has answered: picks the access lines written
+    /// when `access_log_every` is above 1.
+    pub access_lines: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    /// Another worker's view: everything shared, its own Redis connection and app pool.
+    fn for_worker(&self, store: Store, upstream: HttpClient) -> Shared {
+        Shared {
+            config: self.config.clone(),
+            table: self.table.clone(),
+            auth: self.auth.clone(),
+            store,
+            upstream,
+            metrics: self.metrics.clone(),
+            refill: self.refill.clone(),
+            refusals: self.refusals.clone(),
+            refunds: self.refunds.clone(),
+            tasks: self.tasks.clone(),
+            access_lines: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+/// The extra runtimes of the proxy, one current-thread runtime on a thread of its own each (the
+/// first worker is the runtime [`run`] is called on).
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl Workers {
+    fn start(extra: usize) -> std::io::Result<Workers> {
+        let stop = CancellationToken::new();
+        let mut workers = Workers {
+            handles: Vec::with_capacity(extra),
+            threads: Vec::with_capacity(extra),
+            stop: stop.clone(),
+        };
+        for n in 1..=extra {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            workers.handles.push(runtime.handle().clone());
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("tollgate-worker-{n}"))
+                .spawn(move || runtime.block_on(stop.cancelled_owned()))?;
+            workers.threads.push(thread);
+        }
+        Ok(workers)
+    }
+
+    /// Stops the runtimes (whatever still runs there is dropped) and waits for their threads.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        let threads = std::mem::take(&mut self.threads);
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for Workers {
+    /// `run` returning early (an error) does not leave the threads behind.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// How many workers serve the proxy: `worker_threads`, or one per core when it is 0.
+pub fn worker_count(config: &Config) -> usize {
+    match config.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    }
 }
 
 /// Idle upstream connections kept per app host (descriptors reserved for them too).
@@ -250,26 +334,34 @@ pub async fn run(
     let table = load_table(&config)?;
     let keys = Keys::new(config.redis_prefix.clone());
     let builder = redis_builder(&config)?;
-    let redis = builder.build()?;
-    let _connection = redis.connect();
-    if tokio::time::timeout(Duration::from_secs(2), redis.wait_for_connect())
-        .await
-        .is_err()
-    {
-        tracing::warn!("redis is not reachable yet; retrying in the background");
+    let workers = Workers::start(worker_count(&config) - 1)?;
+    // One Redis connection per worker, its connection task on that worker's runtime, so that a
+    // decision's write and answer never leave the thread that serves the request.
+    let mut redis = vec![builder.build()?];
+    for _ in &workers.handles {
+        redis.push(builder.build()?);
+    }
+    for (client, runtime) in redis.iter().zip(
+        std::iter::once(tokio::runtime::Handle::current()).chain(workers.handles.iter().cloned()),
+    ) {
+        let _inside = runtime.enter();
+        let _connection = client.connect();
+    }
+    for client in &redis {
+        if tokio::time::timeout(Duration::from_secs(2), client.wait_for_connect())
+            .await
+            .is_err()
+        {
+            tracing::warn!("redis is not reachable yet; retrying in the background");
+            break;
+        }
     }
     let store =
-        Store::new(redis.clone(), keys.clone()).with_max_in_flight(config.redis_max_in_flight);
+        Store::new(redis[0].clone(), keys.clone()).with_max_in_flight(config.redis_max_in_flight);
     if let Err(e) = store.load_scripts().await {
         tracing::warn!(error = %e, "could not preload the lua scripts; they load on first use");
     }
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(config.connect_timeout.duration()));
-    connector.set_nodelay(true);
-    let http: HttpClient = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(UPSTREAM_IDLE_POOL)
-        .build(connector);
+    let http = upstream_client(&config);
     let metrics = Arc::new(Metrics::new());
     metrics.register_routes(table.routes.labels());
     let auth = Authenticator::new(
@@ -282,21 +374,40 @@ pub async fn run(
         metrics.clone(),
     );
     let shared = Arc::new(Shared {
-        table: ArcSwap::from_pointee(table),
-        auth,
-        refusals: refusals::Refusals::new(100_000, config.refusal_cache_ttl.duration()),
+        table: Arc::new(ArcSwap::from_pointee(table)),
+        auth: Arc::new(auth),
+        refusals: Arc::new(refusals::Refusals::new(
+            100_000,
+            config.refusal_cache_ttl.duration(),
+        )),
         refunds: Arc::new(refunds::Refunds::new(store.clone(), metrics.clone())),
-        store,
+        store: store.clone(),
         upstream: http.clone(),
         metrics,
-        refill: Refill {
+        refill: Arc::new(Refill {
             http,
             control_plane_url: config.control_plane_internal_url.clone(),
             inflight: std::sync::Mutex::new(HashMap::new()),
-        },
+        }),
         config: Arc::new(config),
         tasks: TaskTracker::new(),
+        access_lines: std::sync::atomic::AtomicU64::new(0),
     });
+    let mut views = vec![(None, shared.clone())];
+    for (client, runtime) in redis.iter().skip(1).zip(&workers.handles) {
+        let mine = shared.for_worker(
+            store.with_client(client.clone()),
+            upstream_client(&shared.config),
+        );
+        views.push((Some(runtime.clone()), Arc::new(mine)));
+    }
+    let proxy_workers: Vec<_> = views
+        .into_iter()
+        .map(|(runtime, shared)| tollgate_serve::Worker {
+            runtime,
+            handler: move |request, peer| proxy::handle(shared.clone(), request, peer),
+        })
+        .collect();
 
     let tasks = [
         tokio::spawn(refresh_jwks(shared.clone())),
@@ -341,15 +452,12 @@ pub async fn run(
             tracing::info!("shutting down: no new connections; answering what was received");
         }
     };
-    let proxy = tollgate_serve::serve(
+    let proxy = tollgate_serve::serve_on(
         listener,
         "proxy",
         limits,
         shared.metrics.serve.listener("proxy"),
-        {
-            let shared = shared.clone();
-            move |request, peer| proxy::handle(shared.clone(), request, peer)
-        },
+        proxy_workers,
         shutdown,
     )
     .await;
@@ -362,8 +470,23 @@ pub async fn run(
     for task in tasks {
         task.abort();
     }
-    let _ = redis.quit().await;
+    for client in &redis {
+        let _ = client.quit().await;
+    }
+    workers.stop().await;
     Ok(())
+}
+
+/// A pool of connections to the app (one per worker: hyper runs each connection on the runtime
+/// that opened it).
+fn upstream_client(config: &Config) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(config.connect_timeout.duration()));
+    connector.set_nodelay(true);
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(UPSTREAM_IDLE_POOL)
+        .build(connector)
 }
 
 /// The last step of shutdown, once every connection has closed: waits, until `deadline`, for

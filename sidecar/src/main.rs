@@ -62,14 +62,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let _log = tollgate_common::telemetry::init(config.log_format, &config.log_filter);
-    let mut builder = match config.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    if config.worker_threads > 1 {
-        builder.worker_threads(config.worker_threads);
-    }
-    let runtime = match builder.enable_all().build() {
+    // The first worker; `run` starts the others (one current-thread runtime per core).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

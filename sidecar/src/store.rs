@@ -161,6 +161,14 @@ impl Store {
         }
     }
 
+    /// The same store over another connection (another worker's), sharing the in-flight limit.
+    pub fn with_client(&self, client: Client) -> Store {
+        Store {
+            client,
+            ..self.clone()
+        }
+    }
+
     /// At most `n` script calls in flight at once (`redis_max_in_flight`).
     pub fn with_max_in_flight(mut self, n: usize) -> Store {
         self.permits = std::sync::Arc::new(tokio::sync::Semaphore::new(n.max(1)));
