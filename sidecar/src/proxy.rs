@@ -33,8 +33,23 @@ use crate::routes::{Cost, Quota, RateLimit, Route};
 use crate::store::{Charge, Charged, DecideInput, Decision, SettleInput};
 use crate::{Body, BoxError, Refilled, RequestBody, Shared, Table, full_body};
 
+/// The headers the sidecar writes, made once (a name given as a string is parsed every time).
+const X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
+const X_AUTH_METHOD: HeaderName = HeaderName::from_static("x-auth-method");
+const X_PLAN: HeaderName = HeaderName::from_static("x-plan");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_QUOTA_TYPE: HeaderName = HeaderName::from_static("x-quota-type");
+const X_QUOTA_LIMIT: HeaderName = HeaderName::from_static("x-quota-limit");
+const X_QUOTA_REMAINING: HeaderName = HeaderName::from_static("x-quota-remaining");
+const X_QUOTA_RESET: HeaderName = HeaderName::from_static("x-quota-reset");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 /// Headers a client may not set: the sidecar is the only source of these.
-const IDENTITY_HEADERS: [&str; 4] = ["x-user-id", "x-auth-method", "x-plan", "x-request-id"];
+const IDENTITY_HEADERS: [HeaderName; 4] = [X_USER_ID, X_AUTH_METHOD, X_PLAN, X_REQUEST_ID];
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -255,7 +270,7 @@ async fn pipeline(
         authenticate(shared, ctx, &mut request).await?;
         decide(shared, table, ctx, &request).await?;
     } else {
-        request.headers_mut().remove("x-api-key");
+        request.headers_mut().remove(X_API_KEY);
         ctx.decision = Outcome::Public;
     }
     shared
@@ -274,7 +289,7 @@ async fn authenticate(
     ctx: &mut Ctx,
     request: &mut Request<RequestBody>,
 ) -> Result<(), Refusal> {
-    let key = request.headers_mut().remove("x-api-key");
+    let key = request.headers_mut().remove(X_API_KEY);
     let result = if let Some(key) = key {
         match key.to_str() {
             Ok(key) => shared.auth.verify_api_key(key).await,
@@ -503,8 +518,9 @@ fn cached_refusal(shared: &Shared, quota: Option<&Quota>, cached: Cached) -> Ref
 }
 
 /// A fresh settle id: 64 random bits in hex, never anything a client chose.
-fn new_settle_id() -> String {
-    format!("{:016x}", Uuid::new_v4().as_u64_pair().0)
+pub fn new_settle_id() -> String {
+    // The thread's own generator: no system call per request (a v4 UUID asks the kernel).
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// Refunds, in the background, a decision whose answer was lost: settle.lua gives back what the
@@ -579,19 +595,19 @@ async fn forward(
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
     if let Some(identity) = ctx.identity.filter(|_| ctx.decision != Outcome::Public) {
-        insert(headers, "x-user-id", &identity.user.to_string());
-        insert(headers, "x-auth-method", identity.method.as_str());
+        insert(headers, X_USER_ID, &identity.user.to_string());
+        insert(headers, X_AUTH_METHOD, identity.method.as_str());
         if !ctx.plan.is_empty() {
-            insert(headers, "x-plan", &ctx.plan);
+            insert(headers, X_PLAN, &ctx.plan);
         }
     }
-    insert(headers, "x-request-id", &ctx.request_id);
+    insert(headers, X_REQUEST_ID, &ctx.request_id);
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) => format!("{prior}, {}", peer.ip()),
         None => peer.ip().to_string(),
     };
-    insert(headers, "x-forwarded-for", &forwarded_for);
-    insert(headers, "x-forwarded-proto", "http");
+    insert(headers, X_FORWARDED_FOR, &forwarded_for);
+    insert(headers, X_FORWARDED_PROTO, "http");
 
     let byte_priced = ctx
         .route
@@ -680,7 +696,7 @@ async fn keep_marker_alive<T>(shared: &Shared, ctx: &Ctx, work: impl Future<Outp
     }
 }
 
-fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
+fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         headers.insert(name, value);
     }
@@ -819,15 +835,11 @@ fn respond(ctx: &Ctx, response: Response<Incoming>) -> Response<Body> {
     let success = parts.status.is_success() || parts.status.is_redirection();
     if success && let (Some(quota), Some(charged)) = (&ctx.route.quota, &ctx.charged) {
         let h = &mut parts.headers;
-        insert(h, "x-quota-type", &quota.quota_type);
-        insert(h, "x-quota-limit", &charged.limit.to_string());
-        insert(
-            h,
-            "x-quota-remaining",
-            &charged.remaining.max(0).to_string(),
-        );
+        insert(h, X_QUOTA_TYPE, &quota.quota_type);
+        insert(h, X_QUOTA_LIMIT, &charged.limit.to_string());
+        insert(h, X_QUOTA_REMAINING, &charged.remaining.max(0).to_string());
         if let Some(reset) = reset_time(charged.resets_at_ms) {
-            insert(h, "x-quota-reset", &quota::rfc3339(reset));
+            insert(h, X_QUOTA_RESET, &quota::rfc3339(reset));
         }
     }
     rate_limit_headers(&mut parts.headers, &ctx.rates);
@@ -869,8 +881,8 @@ fn rate_limit_headers(headers: &mut HeaderMap, rates: &[(RateLimit, i64, i64)]) 
             )
         })
         .collect();
-    insert(headers, "ratelimit-policy", &policy.join(", "));
-    insert(headers, "ratelimit", &state.join(", "));
+    insert(headers, RATELIMIT_POLICY, &policy.join(", "));
+    insert(headers, RATELIMIT, &state.join(", "));
 }
 
 /// The one mapping from a refusal to its answer.
@@ -942,7 +954,16 @@ fn log(shared: &Shared, ctx: &Ctx, started: Instant) {
         .metrics
         .route(&ctx.route)
         .request(ctx.decision.as_str());
-    // The access log: one line per request, the per-call audit trail (docs/quotas.md).
+    // The access log: one line per request, the per-call audit trail (docs/access-log.md); a
+    // successful admitted call's line is written one in `access_log_every`.
+    if !writes_access_line(
+        shared.config.access_log_every,
+        ctx.decision,
+        ctx.status,
+        &shared.access_lines,
+    ) {
+        return;
+    }
     tracing::info!(
         request_id = %ctx.request_id,
         app = %ctx.app,
@@ -957,6 +978,15 @@ fn log(shared: &Shared, ctx: &Ctx, started: Instant) {
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,
         "request"
     );
+}
+
+/// Whether this call's access line is written: always, but for a successful admitted call when
+/// `every` is above 1, of which one in `every` (counted in `seen`).
+fn writes_access_line(every: u64, decision: Outcome, status: u16, seen: &AtomicU64) -> bool {
+    every <= 1
+        || decision != Outcome::Allowed
+        || !(200..400).contains(&status)
+        || seen.fetch_add(1, Ordering::Relaxed) % every == 0
 }
 
 /// How a metered upload's body ended.
@@ -1161,6 +1191,23 @@ pub const REFILL_TIMEOUT: Duration = Duration::from_secs(2);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn access_lines_are_sampled_only_for_successful_admitted_calls() {
+        let seen = AtomicU64::new(0);
+        let written = |every, decision, status| {
+            (0..100)
+                .filter(|_| writes_access_line(every, decision, status, &seen))
+                .count()
+        };
+        assert_eq!(written(1, Outcome::Allowed, 200), 100);
+        assert_eq!(written(10, Outcome::Allowed, 200), 10);
+        assert_eq!(written(10, Outcome::Allowed, 302), 10);
+        // The app failed (refunded), a refusal, a public call: every line.
+        assert_eq!(written(10, Outcome::Allowed, 500), 100);
+        assert_eq!(written(10, Outcome::Refused("quota_exceeded"), 402), 100);
+        assert_eq!(written(10, Outcome::Public, 200), 100);
+    }
 
     #[test]
     fn every_decision_label_has_its_series() {
