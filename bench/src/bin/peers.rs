@@ -61,6 +61,23 @@ const RATE_PER_S: u64 = 1_000_000;
 /// The settle marker's time to live, as the sidecar's default settle window.
 const MARKER_TTL_MS: u64 = 10_000;
 
+/// The two instances' runtimes: a current-thread runtime on a thread of its own each, the
+/// sidecar's shape (one per core, each with its own Redis connection). An instance's Redis
+/// connection is opened on its runtime and its decisions run there.
+static INSTANCES: std::sync::OnceLock<[tokio::runtime::Handle; 2]> = std::sync::OnceLock::new();
+
+fn instance_runtime(instance: usize) -> &'static tokio::runtime::Handle {
+    &INSTANCES.get().expect("main starts the instance runtimes")[instance]
+}
+
+/// Runs `work` on instance `instance`'s runtime.
+async fn on_instance<T: Send + 'static>(
+    instance: usize,
+    work: impl std::future::Future<Output = Result<T, BoxError>> + Send + 'static,
+) -> Result<T, BoxError> {
+    instance_runtime(instance).spawn(work).await?
+}
+
 struct Args {
     redis: String,
     users: usize,
@@ -176,7 +193,7 @@ impl Instances {
         };
         // Random per request, as the sidecar's: the markers of earlier decisions (10 s) are still
         // there, and decide.lua cancels a decision whose marker exists.
-        let settle_id = format!("{:016x}", Uuid::new_v4().as_u64_pair().0);
+        let settle_id = tollgate_sidecar::proxy::new_settle_id();
         let input = DecideInput {
             user,
             settle_id: &settle_id,
@@ -254,8 +271,15 @@ async fn tollgate(
     }];
     let ids: Vec<Uuid> = (0..users).map(|_| Uuid::new_v4()).collect();
     write_users(admin, keys, &ids, quota_limit).await?;
-    let a = Store::new(fred_client(url).await?, keys.clone());
-    let b = Store::new(fred_client(url).await?, keys.clone());
+    let (url_a, url_b) = (url.to_owned(), url.to_owned());
+    let a = Store::new(
+        on_instance(0, async move { fred_client(&url_a).await }).await?,
+        keys.clone(),
+    );
+    let b = Store::new(
+        on_instance(1, async move { fred_client(&url_b).await }).await?,
+        keys.clone(),
+    );
     a.load_scripts().await?;
     b.load_scripts().await?;
     Ok(Instances::Tollgate {
@@ -275,14 +299,18 @@ async fn limitador(
     quota_limit: u64,
 ) -> Result<Instances, BoxError> {
     let mut limiters = Vec::new();
-    for _ in 0..2 {
-        let limiter = if system == "limitador_cached" {
-            AsyncRateLimiter::new_with_storage(Box::new(
-                CachedRedisStorageBuilder::new(url).build().await?,
-            ))
-        } else {
-            AsyncRateLimiter::new_with_storage(Box::new(AsyncRedisStorage::new(url).await?))
-        };
+    for instance in 0..2 {
+        let (url, cached) = (url.to_owned(), system == "limitador_cached");
+        let limiter = on_instance(instance, async move {
+            Ok(if cached {
+                AsyncRateLimiter::new_with_storage(Box::new(
+                    CachedRedisStorageBuilder::new(&url).build().await?,
+                ))
+            } else {
+                AsyncRateLimiter::new_with_storage(Box::new(AsyncRedisStorage::new(&url).await?))
+            })
+        })
+        .await?;
         for (max, seconds) in [(quota_limit, MONTH_S), (RATE_PER_S, 1)] {
             limiter.add_limit(Limit::new(
                 namespace,
@@ -446,7 +474,7 @@ async fn run_tasks(
     let mut tasks = Vec::with_capacity(concurrency);
     for task in 0..concurrency {
         let (instances, next_user) = (instances.clone(), next_user.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.push(instance_runtime(task % 2).spawn(async move {
             let mut latencies = Vec::with_capacity(1 << 14);
             let mut refused = 0u64;
             while Instant::now() < until {
@@ -479,7 +507,7 @@ async fn accuracy(
     let tasks: Vec<_> = (0..args.requests)
         .map(|i| {
             let instances = instances.clone();
-            tokio::spawn(async move { instances.decide(i % 2, user).await })
+            instance_runtime(i % 2).spawn(async move { instances.decide(i % 2, user).await })
         })
         .collect();
     let mut admitted = 0;
@@ -586,10 +614,23 @@ async fn measure(
 
 fn main() -> Result<(), BoxError> {
     let args = Args::parse()?;
-    // Two workers, like the sidecar on the project's two-core machine.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // Two instances on a runtime and thread each, like the sidecar's two workers on the
+    // project's two-core machine; this thread only starts them and collects the figures.
+    let mut handles = Vec::new();
+    for n in 0..2 {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        handles.push(runtime.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("instance-{n}"))
+            .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+    }
+    let [a, b]: [tokio::runtime::Handle; 2] =
+        handles.try_into().map_err(|_| "two runtimes were built")?;
+    INSTANCES.get_or_init(|| [a, b]);
+    let main = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    main.block_on(run(args))
 }
