@@ -83,9 +83,9 @@ tollgate_common::settings! {
     shutdown_grace: Millis = "20s", env ENV_SHUTDOWN_GRACE = "TOLLGATE_SHUTDOWN_GRACE";
     /// how long an admitted request's settle marker stays in Redis after the app answered (it is
     /// renewed while the app is still answering): the time a refund has to land. Redis holds one
-    /// marker per metered request for about this long (plus the app's answer time), 165 bytes
-    /// each (measured), so about requests/s × this × 165 bytes: 170 MB at 100,000 requests/s
-    /// with 10s; 1s..5m
+    /// marker per metered request for about this long (plus the app's answer time), about 270
+    /// bytes of Redis memory each with its key's entries (bench/RESULTS.md, scale run), so about
+    /// requests/s × this × 270 bytes: 270 MB at 100,000 requests/s with 10s; 1s..5m
     settle_window: Millis = "10s", env ENV_SETTLE_WINDOW = "TOLLGATE_SIDECAR_SETTLE_WINDOW";
     /// the longest a refusal (quota exhausted, rate limited, disabled, unknown user) is answered
     /// from the sidecar's memory without Redis; entries end earlier when the window resets,
