@@ -296,7 +296,10 @@ impl Config {
             problems.push("redis_max_in_flight", "must be between 1 and 100000");
         }
         if !(1..=1_000_000).contains(&s.access_log_every) {
-            problems.push("access_log_every", "must be between 1 (every call) and 1000000");
+            problems.push(
+                "access_log_every",
+                "must be between 1 (every call) and 1000000",
+            );
         }
         if s.worker_threads > 256 {
             problems.push("worker_threads", "must be between 0 (one per core) and 256");
