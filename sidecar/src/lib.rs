@@ -165,7 +165,7 @@ pub fn worker_count(config: &Config) -> usize {
     }
 }
 
-/// Idle upstream connections kept per app host (descriptors reserved for them too).
+/// Idle upstream connections kept per app host by each worker (descriptors reserved for them too).
 const UPSTREAM_IDLE_POOL: usize = 256;
 /// Descriptors kept for Redis, the JWKS and control-plane calls, the routes file and the like.
 const OTHER_DESCRIPTORS: usize = 128;
@@ -424,7 +424,8 @@ pub async fn run(
     if let Some(nofile) = tollgate_serve::fds::raise_nofile_limit() {
         let reserve = admin::limits().descriptors()
             + shared.config.max_in_flight
-            + UPSTREAM_IDLE_POOL
+            // Each worker keeps a pool of its own.
+            + UPSTREAM_IDLE_POOL * (workers.handles.len() + 1)
             + OTHER_DESCRIPTORS;
         tollgate_serve::fds::fit_connections("proxy", &mut limits, reserve, nofile);
     }

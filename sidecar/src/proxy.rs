@@ -986,7 +986,7 @@ fn writes_access_line(every: u64, decision: Outcome, status: u16, seen: &AtomicU
     every <= 1
         || decision != Outcome::Allowed
         || !(200..400).contains(&status)
-        || seen.fetch_add(1, Ordering::Relaxed) % every == 0
+        || seen.fetch_add(1, Ordering::Relaxed).is_multiple_of(every)
 }
 
 /// How a metered upload's body ended.
