@@ -417,6 +417,7 @@ pub async fn run(
     tracing::info!(
         proxy = %listener.local_addr()?,
         admin = %admin.local_addr()?,
+        workers = workers.handles.len() + 1,
         "sidecar listening"
     );
 
