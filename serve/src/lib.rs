@@ -308,31 +308,7 @@ where
     fn admit(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let worker = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            let Some(runtime) = &self.workers[worker].runtime else {
-                self.tasks
-                    .spawn(self.clone().connection(stream, peer, slot, worker));
-                return;
-            };
-            // Out of this runtime's reactor and into the worker's.
-            let stream = match stream.into_std() {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::debug!(listener = %self.name, %peer, error = %e, "connection lost while handing it to its worker");
-                    return;
-                }
-            };
-            let server = self.clone();
-            self.tasks.spawn_on(
-                async move {
-                    match TcpStream::from_std(stream) {
-                        Ok(stream) => server.connection(stream, peer, slot, worker).await,
-                        Err(e) => {
-                            tracing::warn!(listener = %server.name, %peer, error = %e, "a worker could not take a connection");
-                        }
-                    }
-                },
-                runtime,
-            );
+            self.hand_to_worker(stream, peer, slot, worker);
             return;
         }
         // At the cap. Whatever happens next holds a descriptor for a while: bounded too.
@@ -350,13 +326,49 @@ where
                 };
                 if let Some(slot) = slot {
                     drop(refusing);
-                    return server.connection(stream, peer, slot, worker).await;
+                    server.hand_to_worker(stream, peer, slot, worker);
+                    return;
                 }
             }
             server.metrics.refused_connection.inc();
             refuse_connection(stream).await;
             drop(refusing);
         });
+    }
+
+    /// Serves an admitted connection on its worker's runtime: on this one, or moved out of this
+    /// runtime's reactor and into the worker's.
+    fn hand_to_worker(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        slot: OwnedSemaphorePermit,
+        worker: usize,
+    ) {
+        let Some(runtime) = &self.workers[worker].runtime else {
+            self.tasks
+                .spawn(self.clone().connection(stream, peer, slot, worker));
+            return;
+        };
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(listener = %self.name, %peer, error = %e, "connection lost while handing it to its worker");
+                return;
+            }
+        };
+        let server = self.clone();
+        self.tasks.spawn_on(
+            async move {
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => server.connection(stream, peer, slot, worker).await,
+                    Err(e) => {
+                        tracing::warn!(listener = %server.name, %peer, error = %e, "a worker could not take a connection");
+                    }
+                }
+            },
+            runtime,
+        );
     }
 
     /// Asks the connection idle longest (else the one whose head is slowest) to go.
